@@ -33,7 +33,7 @@ def tiny_keras(digits):
             keras.layers.Dense(32, activation="relu", name="fc1"),
             keras.layers.Dense(10, name="fc2"),
         ],
-        name="tiny digits",
+        name="tiny_digits",
     )
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
     model.fit(x[:1400], y[:1400], epochs=8, batch_size=32, verbose=0)

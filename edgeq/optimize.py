@@ -1,0 +1,83 @@
+"""TF-MOT applies the plan: mixed-precision quantization-aware training, per layer."""
+
+from __future__ import annotations
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
+import numpy as np
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+
+from edgeq.errors import ModelError, PlanError
+from edgeq.plan import BitPlan
+from edgeq.quantize_config import BitsQuantizeConfig, custom_objects
+
+
+qk = tfmot.quantization.keras
+# Layers whose kernel a BitsQuantizeConfig can fake-quantize, and whether it is per output channel.
+# Dense stays per-tensor: per-axis Dense does not convert in TF 2.21 ("mismatched quantized axes").
+QUANTIZABLE = {keras.layers.Conv2D: True, keras.layers.DepthwiseConv2D: True, keras.layers.Dense: False}
+QAT_BITS = range(2, 9)
+
+
+def weight_layers(model: keras.Model) -> dict[str, int]:
+    """Layer name -> kernel weight count, for every layer edgeq can quantize."""
+    sizes = {}
+    for layer in model.layers:
+        if type(layer) in QUANTIZABLE:
+            kernel = layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel
+            sizes[layer.name] = int(np.prod(kernel.shape))
+    return sizes
+
+
+def check_plan(model: keras.Model, plan: BitPlan) -> None:
+    """Raise unless every planned layer exists, is quantizable and has QAT-able bits."""
+    names = {lyr.name: lyr for lyr in model.layers}
+    supported = ", ".join(sorted(c.__name__ for c in QUANTIZABLE))
+    for name, lb in plan.layers.items():
+        if name not in names:
+            raise PlanError(f"plan names layer {name!r} that model {model.name!r} lacks; layers: {sorted(names)}")
+        if type(names[name]) not in QUANTIZABLE:
+            raise ModelError(
+                f"layer {name!r} is a {type(names[name]).__name__}, which edgeq cannot quantize; "
+                f"supported: {supported}"
+            )
+        if lb.bits not in QAT_BITS:
+            raise PlanError(f"layer {name!r} has {lb.bits} bits; quantization-aware training takes 2..8 bits")
+
+
+def project_weights(model: keras.Model, plan: BitPlan) -> keras.Model:
+    """A copy of model whose planned kernels are replaced by their plan quantizer's output."""
+    from edgeq.quantizers import quantize as quantize_array
+
+    check_plan(model, plan)
+    out = keras.models.clone_model(model)
+    out.set_weights(model.get_weights())
+    for name, lb in plan.layers.items():
+        layer = out.get_layer(name)
+        kernel, *rest = layer.get_weights()
+        layer.set_weights([quantize_array(kernel, lb).astype(kernel.dtype), *rest])
+    return out
+
+
+def quantize_model(model: keras.Model, plan: BitPlan, *, activation_bits: int = 8) -> keras.Model:
+    """QAT model: planned layers get their plan's bits, other supported layers TF-MOT's default 8 bits."""
+    check_plan(model, plan)
+    registry = qk.default_8bit.Default8BitQuantizeRegistry()
+
+    def annotate(layer):
+        if layer.name in plan.layers:
+            cfg = BitsQuantizeConfig(plan.layers[layer.name].bits, QUANTIZABLE[type(layer)], activation_bits)
+            return qk.quantize_annotate_layer(layer, cfg)
+        if registry.supports(layer):
+            return qk.quantize_annotate_layer(layer)
+        return layer
+
+    annotated = keras.models.clone_model(model, clone_function=annotate)
+    annotated.set_weights(model.get_weights())
+    with qk.quantize_scope(custom_objects()):
+        return qk.quantize_apply(annotated)
+
+
+def quantize_scope():
+    """Context in which edgeq's QAT models can be saved, loaded or cloned."""
+    return qk.quantize_scope(custom_objects())

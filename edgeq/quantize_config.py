@@ -1,0 +1,63 @@
+"""TF-MOT QuantizeConfigs: one small object says how one layer's weights are quantized."""
+
+from __future__ import annotations
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
+import tensorflow_model_optimization as tfmot
+
+qk = tfmot.quantization.keras
+
+
+class BitsQuantizeConfig(qk.QuantizeConfig):
+    """Kernel fake-quantized to `bits` (symmetric, narrow range), activation to `activation_bits`.
+
+    Symmetric narrow range is what the TFLite int8/int4 kernels require (zero point 0), so a b-bit
+    layer holds at most 2**b - 1 distinct integer values per channel after conversion.
+    """
+
+    def __init__(self, bits: int, per_axis: bool, activation_bits: int = 8):
+        self.bits = int(bits)
+        self.per_axis = bool(per_axis)
+        self.activation_bits = int(activation_bits)
+
+    def _weight_quantizer(self):
+        return qk.quantizers.LastValueQuantizer(
+            num_bits=self.bits, per_axis=self.per_axis, symmetric=True, narrow_range=True
+        )
+
+    def get_weights_and_quantizers(self, layer):
+        return [(_kernel(layer), self._weight_quantizer())]
+
+    def get_activations_and_quantizers(self, layer):
+        act = qk.quantizers.MovingAverageQuantizer(
+            num_bits=self.activation_bits, per_axis=False, symmetric=False, narrow_range=False
+        )
+        return [(layer.activation, act)]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        _set_kernel(layer, quantize_weights[0])
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        layer.activation = quantize_activations[0]
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def get_config(self):
+        return {"bits": self.bits, "per_axis": self.per_axis, "activation_bits": self.activation_bits}
+
+
+def _kernel(layer):
+    return layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel
+
+
+def _set_kernel(layer, value) -> None:
+    if hasattr(layer, "depthwise_kernel"):
+        layer.depthwise_kernel = value
+    else:
+        layer.kernel = value
+
+
+def custom_objects() -> dict:
+    """What quantize_scope needs to rebuild models annotated with edgeq's configs."""
+    return {"BitsQuantizeConfig": BitsQuantizeConfig}

@@ -1,0 +1,78 @@
+"""TF-MOT mixed-precision QAT reaches the flatbuffer: INT4 tensors, distinct-value bounds, verified storage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deploy import export
+from deploy.tflm import run_tflm
+from edgeq.errors import ModelError, PlanError
+from edgeq.optimize import quantize_model, weight_layers
+from edgeq.plan import BitPlan
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_keras, digits):
+    """The tiny model after mixed-precision QAT (conv1 3, fc1 4, fc2 6 bits), converted."""
+    import tf_keras as keras
+
+    x, y = digits
+    plan = BitPlan.from_bits({"conv1": 3, "fc1": 4, "fc2": 6})
+    qat = quantize_model(tiny_keras, plan)
+    qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x[:1400], y[:1400], epochs=1, verbose=0)
+    return export.convert(qat, x[:200]), plan
+
+
+def test_weight_layers_counts_kernels(tiny_keras):
+    # conv 3x3x1x8; flatten of 6x6x8 = 288 into 32 units; 32 into 10
+    assert weight_layers(tiny_keras) == {"conv1": 3 * 3 * 1 * 8, "fc1": 288 * 32, "fc2": 32 * 10}
+
+
+def test_bits_reach_the_flatbuffer(converted):
+    model, plan = converted
+    tensors = {t.op + str(t.shape): t for t in export.weight_tensors(model)}
+    conv = next(t for t in tensors.values() if t.op == "CONV_2D")
+    fc1 = next(t for t in tensors.values() if t.op == "FULLY_CONNECTED" and t.shape[0] == 32)
+    fc2 = next(t for t in tensors.values() if t.op == "FULLY_CONNECTED" and t.shape[0] == 10)
+    assert conv.stored_type == "INT4" and conv.per_channel
+    assert fc1.stored_type == "INT4" and not fc1.per_channel
+    assert fc2.stored_type == "INT8"
+    # symmetric narrow range: at most 2**b - 1 values per LUT unit (channel for conv, tensor for dense)
+    assert conv.distinct <= 2**3 - 1
+    assert fc1.distinct <= 2**4 - 1
+    assert fc2.distinct <= 2**6 - 1
+
+
+def test_storage_variants_compute_the_same(converted, digits):
+    model, _ = converted
+    x, _ = digits
+    chosen, variants = export.choose_storage(model, "auto", x[-150:])
+    assert {v.kind for v in variants} == {"int4", "lut"}
+    assert len(chosen.model) == min(len(v.model) for v in variants)
+    ref = run_tflm(model, x[-150:])
+    for v in variants:
+        np.testing.assert_array_equal(run_tflm(v.model, x[-150:]), ref)
+    lut = next(v for v in variants if v.kind == "lut")
+    assert {t.lut_bits for t in lut.tensors} == {3, 4, 6}
+    plain, _ = export.choose_storage(model, "int8", x[-20:])
+    assert all(t.stored_type == "INT8" for t in plain.tensors)
+    assert len(plain.model) > len(model)
+
+
+def test_unpack_int4_matches_reference_nibbles():
+    # 0x21 -> low nibble 1, high nibble 2; 0xF8 -> low 8 (-8), high 15 (-1)
+    got = export._int4_values(bytes([0x21, 0xF8]), 4)
+    np.testing.assert_array_equal(got, np.array([1, 2, -8, -1], np.int8))
+
+
+def test_bad_plans(tiny_keras):
+    with pytest.raises(PlanError, match="lacks"):
+        quantize_model(tiny_keras, BitPlan.from_bits({"nope": 4}))
+    with pytest.raises(ModelError, match="supported: Conv2D, Dense, DepthwiseConv2D"):
+        quantize_model(tiny_keras, BitPlan.from_bits({"flatten": 4}))
+    with pytest.raises(PlanError, match="2..8"):
+        quantize_model(tiny_keras, BitPlan.from_bits({"fc1": 1}))
+    with pytest.raises(export.ExportError, match="storage"):
+        export.choose_storage(b"", "zip", np.zeros((1, 8, 8, 1)))
