@@ -18,13 +18,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.target_bits is not None:
         check_target(args.target_bits)
     spec = load_pipeline(args.pipeline)
-    rep = run(spec, RunOptions(out=Path(args.out), target_bits=args.target_bits, seed=args.seed,
-                               method=args.method, storage=args.storage, data=args.data, epochs=args.epochs,
-                               board=args.board, quiet=args.quiet))
+    rep = run(
+        spec,
+        RunOptions(
+            out=Path(args.out),
+            target_bits=args.target_bits,
+            seed=args.seed,
+            method=args.method,
+            storage=args.storage,
+            data=args.data,
+            epochs=args.epochs,
+            board=args.board,
+            quiet=args.quiet,
+        ),
+    )
     d, key = rep["models"]["deployed"], "accuracy" if "accuracy" in rep["models"]["float"] else "mae"
-    print(f"{rep['pipeline']}: mean bits {rep['plan']['mean_bits']:.3f}, deployed {d['flash_bytes']:,} B flash "
-          f"({d['storage']}, int8 {rep['models']['int8']['flash_bytes']:,} B), arena {d['arena_bytes']:,} B, "
-          f"TFLM {key} {d[key + '_tflm']:.4f} (float {rep['models']['float'][key]:.4f}) -> {args.out}")
+    print(
+        f"{rep['pipeline']}: mean bits {rep['plan']['mean_bits']:.3f}, deployed {d['flash_bytes']:,} B flash "
+        f"({d['storage']}, int8 {rep['models']['int8']['flash_bytes']:,} B), arena {d['arena_bytes']:,} B, "
+        f"TFLM {key} {d[key + '_tflm']:.4f} (float {rep['models']['float'][key]:.4f}) -> {args.out}"
+    )
     if "board" in rep:
         print(rep["board"]["message"])
     return 0
@@ -51,21 +64,40 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per job."""
     p = argparse.ArgumentParser(
         prog="edgeq",
-        description="Uncertainty-driven mixed-precision quantization of Keras models for TensorFlow Lite Micro.",
+        description="Mixed-precision quantization of Keras models for TensorFlow Lite Micro, from uncertainty.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train, allocate bits, quantize, export and measure one pipeline",
-                       description="Run a pipeline script end to end and write every artifact into --out.")
+    r = sub.add_parser(
+        "run",
+        help="train, allocate bits, quantize, export and measure one pipeline",
+        description="Run a pipeline script end to end and write every artifact into --out.",
+    )
     r.add_argument("pipeline", help="a pipeline script, e.g. pipelines/digits.py")
     r.add_argument("--out", default="out", help="output folder (default: out)")
-    r.add_argument("--target-bits", type=float, default=None,
-                   help="largest allowed mean weight bit width, in [1, 8] (default: the pipeline's, 4)")
-    r.add_argument("--seed", type=int, default=0, help="seed for the split, training and allocation (default 0)")
-    r.add_argument("--method", choices=("qiu", "qinu", "rb", "uniform"), default=None,
-                   help="bit allocation: Quantile Inform uniform/quantile, Random Bits, or uniform bits")
-    r.add_argument("--storage", default="auto", help="weight storage: int8, int4, lut or auto (smallest flash)")
-    r.add_argument("--data", default=None, help="a local .npz (x_train, y_train, x_test, y_test) for the pipeline")
-    r.add_argument("--epochs", type=int, default=None, help="cap every training stage at N epochs (smoke runs)")
+    r.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        help="largest allowed mean weight bit width, in [1, 8] (default: the pipeline's, 4)",
+    )
+    r.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, training and allocation (default 0)"
+    )
+    r.add_argument(
+        "--method",
+        choices=("qiu", "qinu", "rb", "uniform"),
+        default=None,
+        help="bit allocation: Quantile Inform uniform/quantile, Random Bits, or uniform bits",
+    )
+    r.add_argument(
+        "--storage", default="auto", help="weight storage: int8, int4, lut or auto (smallest flash)"
+    )
+    r.add_argument(
+        "--data", default=None, help="a local .npz (x_train, y_train, x_test, y_test) for the pipeline"
+    )
+    r.add_argument(
+        "--epochs", type=int, default=None, help="cap every training stage at N epochs (smoke runs)"
+    )
     r.add_argument("--board", default=None, help="check the result fits a board profile (e.g. nrf52840)")
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.set_defaults(func=_run)
@@ -74,9 +106,18 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=_inspect)
     for name, module, func, text in (
-        ("device-eval", "deploy.device.evaluate", "main_device_eval", "run the test split on a board over serial"),
-        ("virtual-board", "deploy.device.virtual_board", "main_virtual_board",
-         "a pseudo-terminal board that runs the model in TFLM"),
+        (
+            "device-eval",
+            "deploy.device.evaluate",
+            "main_device_eval",
+            "run the test split on a board over serial",
+        ),
+        (
+            "virtual-board",
+            "deploy.device.virtual_board",
+            "main_virtual_board",
+            "a pseudo-terminal board that runs the model in TFLM",
+        ),
         ("flash", "deploy.device.flash", "main_flash", "flash a rendered firmware with the board's tool"),
     ):
         s = sub.add_parser(name, help=text, add_help=False)

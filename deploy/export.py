@@ -6,9 +6,9 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy.tflm import run_tflm
 from edgeq.errors import EdgeqError
 
@@ -120,8 +120,12 @@ def weight_tensors(model_bytes: bytes) -> list[WeightTensor]:
         axis = int(t.quantization.axis or 0) if pc else 0
         out.append(
             WeightTensor(
-                index=int(t.index), name=str(t.name), op=op, shape=tuple(int(s) for s in t.shape),
-                stored_type="INT4" if t.dtype == INT4 else "INT8", per_channel=pc,
+                index=int(t.index),
+                name=str(t.name),
+                op=op,
+                shape=tuple(int(s) for s in t.shape),
+                stored_type="INT4" if t.dtype == INT4 else "INT8",
+                per_channel=pc,
                 distinct=_max_distinct(_values(t), pc, axis),
             )
         )
@@ -155,8 +159,16 @@ def lut_compress(model_bytes: bytes, max_bits: int = MAX_LUT_BITS) -> Storage:
         axis = int(t.quantization.axis or 0) if pc else 0
         distinct = _max_distinct(_values(t), pc, axis)
         bits = max(1, int(np.ceil(np.log2(max(distinct, 2)))))
-        wt = WeightTensor(int(t.index), str(t.name), op, tuple(int(s) for s in t.shape), "INT8", pc, distinct,
-                          bits if bits <= max_bits else None)
+        wt = WeightTensor(
+            int(t.index),
+            str(t.name),
+            op,
+            tuple(int(s) for s in t.shape),
+            "INT8",
+            pc,
+            distinct,
+            bits if bits <= max_bits else None,
+        )
         chosen.append(wt)
         if wt.lut_bits is not None:
             mode = spec.PerChannel(axis) if pc else spec.PerTensor()

@@ -1,4 +1,4 @@
-"""The edgeq flow, top to bottom: data -> float -> Bayesian twin -> plan -> QAT -> export -> measure -> report."""
+"""The edgeq flow: data, float, Bayesian twin, plan, QAT, export, measure, report."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import export, measure, report
 from edgeq.errors import EdgeqError, ModelError, PlanError
 from edgeq.pipeline import PipelineSpec
@@ -117,7 +117,11 @@ def _allocate(method: str, posts, target: float, spec: PipelineSpec, seed: int):
     pin = dict(spec.pin) or None
     if method in ("qiu", "qinu"):
         return allocate.quantile_inform(
-            posts, target, min_bits=spec.min_bits, max_bits=spec.max_bits, pin=pin,
+            posts,
+            target,
+            min_bits=spec.min_bits,
+            max_bits=spec.max_bits,
+            pin=pin,
             quantizer="uniform" if method == "qiu" else "quantile",
         )
     if method == "rb":
@@ -145,9 +149,9 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
     """Run the whole flow for one pipeline and write every artifact into opts.out; returns report.json."""
     import tensorflow as tf
     import tf_keras as keras
+    from edgeq.informativeness import layer_informativeness
 
     from edgeq import bayes
-    from edgeq.informativeness import layer_informativeness
     from edgeq.optimize import project_weights, quantize_model, quantize_scope, weight_layers
 
     target = check_target(opts.target_bits if opts.target_bits is not None else spec.target_bits)
@@ -180,14 +184,24 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
             f"model {float_model.name!r} has no layer edgeq can quantize (Conv2D, DepthwiseConv2D, Dense)"
         )
     float_model.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
-    float_model.fit(splits.x_train, splits.y_train, epochs=spec.epochs, batch_size=spec.batch_size,
-                    validation_data=(splits.x_val, splits.y_val), verbose=0)
+    float_model.fit(
+        splits.x_train,
+        splits.y_train,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        validation_data=(splits.x_val, splits.y_val),
+        verbose=0,
+    )
 
     # 3. its Bayesian twin (Flipout), kernel means from the float weights, KL / N
     progress.stage("bayes", "training the Bayesian twin (TFP Flipout)")
     bnn = bayes.train_bayesian(
         lambda: bayes.to_bayesian(float_model, num_examples=len(splits.x_train), init_sigma=spec.init_sigma),
-        splits.x_train, splits.y_train, loss=loss, epochs=spec.bnn_epochs, batch_size=spec.batch_size,
+        splits.x_train,
+        splits.y_train,
+        loss=loss,
+        epochs=spec.bnn_epochs,
+        batch_size=spec.batch_size,
         lr=spec.bnn_lr,
     )
     posts = [p for p in bayes.posteriors(bnn) if p.name in sizes]
@@ -241,17 +255,40 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
         np.savez(stage / "test_data.npz", x=x, y=y)
         carr = write_c_arrays(chosen.model, stage, spec.name)
         input_q = measure.io_quant(measure.tflm_interpreter(chosen.model), "input")
-        render_firmware(chosen.model, stage, name=spec.name, arena_bytes=m_dep["figures"]["arena_bytes"],
-                        input_quant=input_q, c_arrays=carr)
+        render_firmware(
+            chosen.model,
+            stage,
+            name=spec.name,
+            arena_bytes=m_dep["figures"]["arena_bytes"],
+            input_quant=input_q,
+            c_arrays=carr,
+        )
         rep = report.build(
-            spec=spec, opts=opts, target=target, method=method, plan=plan, sizes=sizes, info=info,
-            float_scores=_keras_score(float_model, x, y, task), det_scores=_keras_score(det, x, y, task),
-            qat_scores=_keras_score(qat, x, y, task), bnn_quality=bnn_quality, int8=m_int8, deployed=m_dep,
-            uncompressed=m_unc, chosen=chosen, variants=variants, lite_scores=lite_scores,
-            vs_litert=vs_litert, vs_uncompressed=vs_uncompressed,
+            spec=spec,
+            opts=opts,
+            target=target,
+            method=method,
+            plan=plan,
+            sizes=sizes,
+            info=info,
+            float_scores=_keras_score(float_model, x, y, task),
+            det_scores=_keras_score(det, x, y, task),
+            qat_scores=_keras_score(qat, x, y, task),
+            bnn_quality=bnn_quality,
+            int8=m_int8,
+            deployed=m_dep,
+            uncompressed=m_unc,
+            chosen=chosen,
+            variants=variants,
+            lite_scores=lite_scores,
+            vs_litert=vs_litert,
+            vs_uncompressed=vs_uncompressed,
             litert_latency_us=measure.litert_latency_us(uncompressed, x[0]),
-            packing_limit=packing_limit(float_model, plan.bits), allocate_s=allocate_s,
-            stage_times=progress.done(), board=board, carrays=carr,
+            packing_limit=packing_limit(float_model, plan.bits),
+            allocate_s=allocate_s,
+            stage_times=progress.done(),
+            board=board,
+            carrays=carr,
         )
         report.write(stage, rep)
     return rep

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy.tflm import RuntimeFailure, arena_bytes, dequantize, io_quant, quantize_input, run_tflm, tflm_interpreter
+from deploy.tflm import (
+    RuntimeFailure,
+    arena_bytes,
+    dequantize,
+    io_quant,
+    quantize_input,
+    run_tflm,
+    tflm_interpreter,
+)
 
 LITERT_RESOLVERS = ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")
 
@@ -17,7 +25,9 @@ def litert_interpreter(model: bytes, resolver: str = "BUILTIN_REF"):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     try:
-        interp = Interpreter(model_content=bytes(model), experimental_op_resolver_type=OpResolverType[resolver])
+        interp = Interpreter(
+            model_content=bytes(model), experimental_op_resolver_type=OpResolverType[resolver]
+        )
         interp.allocate_tensors()
     except (RuntimeError, ValueError) as e:
         raise RuntimeFailure(f"LiteRT could not load the model: {str(e).splitlines()[0]}") from e
@@ -71,8 +81,9 @@ def tflm_latency_us(model: bytes, sample: np.ndarray, runs: int = 50) -> float:
     return median_latency_us(interp.invoke, runs=runs)
 
 
-def litert_latency_us(model: bytes, sample: np.ndarray, resolver: str = "BUILTIN_WITHOUT_DEFAULT_DELEGATES",
-                      runs: int = 50) -> float:
+def litert_latency_us(
+    model: bytes, sample: np.ndarray, resolver: str = "BUILTIN_WITHOUT_DEFAULT_DELEGATES", runs: int = 50
+) -> float:
     """Median LiteRT invoke time for one sample."""
     interp = litert_interpreter(model, resolver)
     q = io_quant(interp, "input")
@@ -96,7 +107,9 @@ def agreement(a: np.ndarray, b: np.ndarray) -> Agreement:
     return Agreement(bool(same.all()), float(same.mean()), diff)
 
 
-def measure_tflm(model: bytes, x: np.ndarray, y: np.ndarray, task: str, *, alt_decompression: int = 0) -> dict:
+def measure_tflm(
+    model: bytes, x: np.ndarray, y: np.ndarray, task: str, *, alt_decompression: int = 0
+) -> dict:
     """TFLM figures for one model: score on (x, y), arena, latency, flash; plus the raw outputs."""
     raw = run_tflm(model, x, alt_decompression=alt_decompression)
     figures = {f"{k}_tflm": v for k, v in score(raw, y, output_quant(model), task).items()}

@@ -14,39 +14,89 @@ def _r(v: float, n: int = 4) -> float:
     return round(float(v), n)
 
 
-def build(*, spec, opts, target, method, plan, sizes, info, float_scores, det_scores, qat_scores, bnn_quality,
-          int8, deployed, uncompressed, chosen, variants, lite_scores, vs_litert, vs_uncompressed,
-          litert_latency_us, packing_limit, allocate_s, stage_times, board, carrays) -> dict:
+def build(
+    *,
+    spec,
+    opts,
+    target,
+    method,
+    plan,
+    sizes,
+    info,
+    float_scores,
+    det_scores,
+    qat_scores,
+    bnn_quality,
+    int8,
+    deployed,
+    uncompressed,
+    chosen,
+    variants,
+    lite_scores,
+    vs_litert,
+    vs_uncompressed,
+    litert_latency_us,
+    packing_limit,
+    allocate_s,
+    stage_times,
+    board,
+    carrays,
+) -> dict:
     """Assemble report.json (paths relative to the output folder)."""
     task_key = "accuracy" if "accuracy" in float_scores else "mae"
     layers = [
-        {"name": n, "bits": plan.layers[n].bits, "params": int(sizes[n]),
-         "informativeness": _r(info.get(n, float("nan")), 6), "quantizer": plan.layers[n].quantizer}
+        {
+            "name": n,
+            "bits": plan.layers[n].bits,
+            "params": int(sizes[n]),
+            "informativeness": _r(info.get(n, float("nan")), 6),
+            "quantizer": plan.layers[n].quantizer,
+        }
         for n in plan.layers
     ]
     tensors = {t.name: t for t in chosen.tensors}
     storage_rows = []
     for t in chosen.tensors:
         bits = t.lut_bits if t.lut_bits else (4 if t.stored_type == "INT4" else 8)
-        storage_rows.append({"tensor": t.name, "op": t.op, "shape": list(t.shape), "stored": t.stored_type,
-                             "lut_bits": t.lut_bits, "distinct_values": t.distinct,
-                             "stored_bytes_est": int(np.ceil(np.prod(t.shape) * bits / 8))})
+        storage_rows.append(
+            {
+                "tensor": t.name,
+                "op": t.op,
+                "shape": list(t.shape),
+                "stored": t.stored_type,
+                "lut_bits": t.lut_bits,
+                "distinct_values": t.distinct,
+                "stored_bytes_est": int(np.ceil(np.prod(t.shape) * bits / 8)),
+            }
+        )
     del tensors
     dep_fig = deployed["figures"]
     rep = {
         "pipeline": spec.name,
         "seed": opts.seed,
         "target_bits": float(target),
-        "plan": {"method": method, "mean_bits": _r(plan.mean_bits(sizes)), "layers": layers,
-                 "allocation_seconds": _r(allocate_s, 4)},
+        "plan": {
+            "method": method,
+            "mean_bits": _r(plan.mean_bits(sizes)),
+            "layers": layers,
+            "allocation_seconds": _r(allocate_s, 4),
+        },
         "models": {
             "float": {**{k: _r(v) for k, v in float_scores.items()}},
-            "bnn": {**{k: _r(v) for k, v in det_scores.items()},
-                    **({"mc_accuracy": _r(bnn_quality.accuracy), "mc_ece": _r(bnn_quality.ece),
-                        "mc_samples": bnn_quality.samples} if bnn_quality else {})},
+            "bnn": {
+                **{k: _r(v) for k, v in det_scores.items()},
+                **(
+                    {
+                        "mc_accuracy": _r(bnn_quality.accuracy),
+                        "mc_ece": _r(bnn_quality.ece),
+                        "mc_samples": bnn_quality.samples,
+                    }
+                    if bnn_quality
+                    else {}
+                ),
+            },
             "qat_keras": {k: _r(v) for k, v in qat_scores.items()},
-            "int8": {"tflite": "model_int8.tflite", **int8["figures"],
-                     "latency_litert_us": None},
+            "int8": {"tflite": "model_int8.tflite", **int8["figures"], "latency_litert_us": None},
             "deployed": {
                 "tflite": "model.tflite",
                 "storage": chosen.kind,
@@ -65,9 +115,14 @@ def build(*, spec, opts, target, method, plan, sizes, info, float_scores, det_sc
                 "weights": storage_rows,
             },
         },
-        "artifacts": {"c_source": Path(carrays.source).name, "c_header": Path(carrays.header).name,
-                      "firmware": "firmware", "test_data": "test_data.npz", "plan": "bitplan.json",
-                      "float_model": "model_float.keras"},
+        "artifacts": {
+            "c_source": Path(carrays.source).name,
+            "c_header": Path(carrays.header).name,
+            "firmware": "firmware",
+            "test_data": "test_data.npz",
+            "plan": "bitplan.json",
+            "float_model": "model_float.keras",
+        },
         "stage_seconds": stage_times,
     }
     int8_flash = rep["models"]["int8"]["flash_bytes"]
@@ -80,8 +135,13 @@ def build(*, spec, opts, target, method, plan, sizes, info, float_scores, det_sc
         from deploy.boards import fit_check
 
         fit = fit_check(board, dep_fig["flash_bytes"], dep_fig["arena_bytes"])
-        rep["board"] = {"name": board.name, "fits": fit.fits, "flash_margin_bytes": fit.flash_margin,
-                        "ram_margin_bytes": fit.ram_margin, "message": fit.message}
+        rep["board"] = {
+            "name": board.name,
+            "fits": fit.fits,
+            "flash_margin_bytes": fit.flash_margin,
+            "ram_margin_bytes": fit.ram_margin,
+            "message": fit.message,
+        }
     return rep
 
 
@@ -115,36 +175,58 @@ def markdown(rep: dict) -> str:
         f"| **deployed** ({d['storage']}) | | **{fmt(d[key + '_tflm'])}** | **{d['flash_bytes']:,}** "
         f"| {d['arena_bytes']:,} | {d['latency_tflm_us']:.1f} |",
         "",
-        f"- Packing limit: {d['packing_limit_bytes']:,} B; deployed/limit = {d['ratio_to_packing_limit']:.3f}, "
+        f"- Packing limit: {d['packing_limit_bytes']:,} B; "
+        f"deployed/limit = {d['ratio_to_packing_limit']:.3f}, "
         f"deployed/int8 = {d['ratio_to_int8']:.3f}.",
         f"- LiteRT (BUILTIN_REF) on model_uncompressed.tflite: {key} {fmt(d[key + '_litert'])}; "
         f"bit-exact vs TFLM: {d['bit_exact_tflm_vs_litert']} "
         f"({100 * d['tflm_vs_litert_rows_identical']:.1f}% rows identical, max diff "
         f"{d['tflm_vs_litert_max_abs_diff']} LSB); latency {d['latency_litert_us']:.1f} us.",
         f"- Compressed vs uncompressed inside TFLM, bit-exact: {d['bit_exact_compressed_vs_uncompressed']}.",
-        f"- Storage variants (flash bytes): "
-        + ", ".join(f"{k} {v:,}" for k, v in d["variants"].items()),
+        "- Storage variants (flash bytes): " + ", ".join(f"{k} {v:,}" for k, v in d["variants"].items()),
     ]
     if "mc_accuracy" in m["bnn"]:
-        lines.append(f"- Bayesian twin, {m['bnn']['mc_samples']} Monte Carlo samples: accuracy "
-                     f"{_pct(m['bnn']['mc_accuracy'])}, expected calibration error {m['bnn']['mc_ece']:.4f}.")
+        lines.append(
+            f"- Bayesian twin, {m['bnn']['mc_samples']} Monte Carlo samples: accuracy "
+            f"{_pct(m['bnn']['mc_accuracy'])}, expected calibration error {m['bnn']['mc_ece']:.4f}."
+        )
     if "board" in rep:
         lines.append(f"- Board {rep['board']['name']}: {rep['board']['message']}")
-    lines += ["", "## Bit plan", "", "| layer | params | informativeness | bits | quantizer |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['params']:,} | {r['informativeness']:.4g} | {r['bits']} | {r['quantizer']} |"
-              for r in plan["layers"]]
-    lines += ["", "## Weight storage in model.tflite", "",
-              "| tensor | op | shape | stored | LUT bits | distinct values | bytes (est.) |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {w['tensor'][:48]} | {w['op']} | {'x'.join(map(str, w['shape']))} | {w['stored']} | "
-              f"{w['lut_bits'] or ''} | {w['distinct_values']} | {w['stored_bytes_est']:,} |" for w in d["weights"]]
-    lines += ["", "![bits per layer](bits_per_layer.png) ![flash bytes](flash_bytes.png)", "",
-              "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in rep["stage_seconds"].items()), ""]
+    lines += [
+        "",
+        "## Bit plan",
+        "",
+        "| layer | params | informativeness | bits | quantizer |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['params']:,} | {r['informativeness']:.4g} | {r['bits']} | {r['quantizer']} |"
+        for r in plan["layers"]
+    ]
+    lines += [
+        "",
+        "## Weight storage in model.tflite",
+        "",
+        "| tensor | op | shape | stored | LUT bits | distinct values | bytes (est.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {w['tensor'][:48]} | {w['op']} | {'x'.join(map(str, w['shape']))} | {w['stored']} | "
+        f"{w['lut_bits'] or ''} | {w['distinct_values']} | {w['stored_bytes_est']:,} |"
+        for w in d["weights"]
+    ]
+    lines += [
+        "",
+        "![bits per layer](bits_per_layer.png) ![flash bytes](flash_bytes.png)",
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in rep["stage_seconds"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def plots(folder: Path, rep: dict) -> None:
-    """bits_per_layer.png (bits and informativeness) and flash_bytes.png (int8/uncompressed/deployed/limit)."""
+    """bits_per_layer.png (bits, informativeness) and flash_bytes.png (int8, uncompressed, deployed, limit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,8 +246,12 @@ def plots(folder: Path, rep: dict) -> None:
     d = rep["models"]["deployed"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     labels = ["int8", "uncompressed", "deployed", "packing limit"]
-    vals = [rep["models"]["int8"]["flash_bytes"], d["uncompressed_flash_bytes"], d["flash_bytes"],
-            d["packing_limit_bytes"]]
+    vals = [
+        rep["models"]["int8"]["flash_bytes"],
+        d["uncompressed_flash_bytes"],
+        d["flash_bytes"],
+        d["packing_limit_bytes"],
+    ]
     ax.bar(labels, vals, color=["gray", "tab:purple", "tab:green", "tab:red"])
     ax.set_ylabel("bytes")
     ax.set_title("flash bytes")

@@ -5,19 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras as keras
 
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import ModelError
 from edgeq.posterior import LayerPosterior
 
 tfd = tfp.distributions
 METHODS = ("flipout", "reparameterization")
 _VARIATIONAL = {
-    "flipout": {keras.layers.Dense: tfp.layers.DenseFlipout, keras.layers.Conv2D: tfp.layers.Convolution2DFlipout},
+    "flipout": {
+        keras.layers.Dense: tfp.layers.DenseFlipout,
+        keras.layers.Conv2D: tfp.layers.Convolution2DFlipout,
+    },
     "reparameterization": {
         keras.layers.Dense: tfp.layers.DenseReparameterization,
         keras.layers.Conv2D: tfp.layers.Convolution2DReparameterization,
@@ -30,7 +33,14 @@ def _inv_softplus(x: float) -> float:
     return float(np.log(np.expm1(x)))
 
 
-def _variational_layer(layer, method: str, num_examples: int, prior_sigma: float | None, init_sigma: float):
+def _variational_layer(
+    layer,
+    method: str,
+    num_examples: int,
+    prior_sigma: float | None,
+    init_sigma: float,
+    kl_weight: tf.Variable,
+):
     """The TFP twin of one Dense/Conv2D layer, kernel mean = the layer's weights, same name."""
     cls = _VARIATIONAL[method][type(layer)]
     kernel, *rest = layer.get_weights()
@@ -42,6 +52,7 @@ def _variational_layer(layer, method: str, num_examples: int, prior_sigma: float
     if prior_sigma is None:
         prior_fn = tfp.layers.default_multivariate_normal_fn
     else:
+
         def prior_fn(dtype, shape, name, trainable, add_variable_fn):
             del name, trainable, add_variable_fn
             dist = tfd.Normal(loc=tf.zeros(shape, dtype), scale=tf.cast(prior_sigma, dtype))
@@ -57,7 +68,7 @@ def _variational_layer(layer, method: str, num_examples: int, prior_sigma: float
         name=layer.name,
         kernel_posterior_fn=posterior_fn,
         kernel_prior_fn=prior_fn,
-        kernel_divergence_fn=lambda q, p, _: tfd.kl_divergence(q, p) * scale,
+        kernel_divergence_fn=lambda q, p, _: tfd.kl_divergence(q, p) * (scale * kl_weight),
         bias_posterior_fn=tfp.layers.util.default_mean_field_normal_fn(
             is_singular=True,
             loc_initializer=tf.constant_initializer(bias if bias is not None else 0.0),
@@ -87,23 +98,37 @@ def to_bayesian(
     if not any(type(lyr) in _VARIATIONAL[method] for lyr in model.layers):
         raise ModelError(f"model {model.name!r} has no Dense or Conv2D layer to make Bayesian")
 
+    # One weight for every layer's KL term, so a callback can anneal it (edgeq.callbacks.KLWeight).
+    kl_weight = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="kl_weight")
+
     def clone(layer):
         if type(layer) in _VARIATIONAL[method]:
-            return _variational_layer(layer, method, num_examples, prior_sigma, init_sigma)
+            return _variational_layer(layer, method, num_examples, prior_sigma, init_sigma, kl_weight)
         return layer.__class__.from_config(layer.get_config())
 
     bnn = keras.models.clone_model(model, clone_function=clone)
+    bnn.edgeq_kl_weight = kl_weight
     for layer in bnn.layers:
         if not is_variational(layer) and layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     return bnn
 
 
+def kl_weight(bnn: keras.Model) -> tf.Variable:
+    """The variable that scales every KL term of a twin built by to_bayesian (1.0 = the plain ELBO)."""
+    var = getattr(bnn, "edgeq_kl_weight", None)
+    if var is None:
+        raise ModelError(f"model {bnn.name!r} was not built by edgeq.bayes.to_bayesian; it has no KL weight")
+    return var
+
+
 def variational_layers(bnn: keras.Model) -> list:
     """The model's variational layers, in order; raises if there are none."""
     layers = [lyr for lyr in bnn.layers if is_variational(lyr)]
     if not layers:
-        raise ModelError(f"model {bnn.name!r} has no variational layers; build it with edgeq.bayes.to_bayesian")
+        raise ModelError(
+            f"model {bnn.name!r} has no variational layers; build it with edgeq.bayes.to_bayesian"
+        )
     return layers
 
 
@@ -161,7 +186,9 @@ def mc_evaluate(bnn: keras.Model, x: np.ndarray, y: np.ndarray, *, samples: int 
         p = tf.nn.softmax(bnn(x, training=False)).numpy()
         probs = p if probs.shape[1] == 0 else probs + p
     probs /= samples
-    return PredictiveQuality(float(np.mean(probs.argmax(1) == y)), expected_calibration_error(probs, y), samples)
+    return PredictiveQuality(
+        float(np.mean(probs.argmax(1) == y)), expected_calibration_error(probs, y), samples
+    )
 
 
 def compile_bnn(bnn: keras.Model, loss, *, lr: float = 1e-3, metrics=("accuracy",)) -> keras.Model:
@@ -188,8 +215,15 @@ def train_bayesian(
     scope = strategy.scope() if strategy is not None else _NullScope()
     with scope:
         bnn = compile_bnn(model_fn(), loss, lr=lr)
-    bnn.fit(x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
-            callbacks=list(callbacks), verbose=verbose)
+    bnn.fit(
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        validation_data=validation_data,
+        callbacks=list(callbacks),
+        verbose=verbose,
+    )
     return bnn
 
 

@@ -37,13 +37,24 @@ class Splits:
     def head(self, n_train: int, n_test: int) -> Splits:
         """A smaller copy for smoke runs: the first n_train training and n_test val/test examples."""
         return Splits(
-            self.x_train[:n_train], self.y_train[:n_train], self.x_val[:n_test], self.y_val[:n_test],
-            self.x_test[:n_test], self.y_test[:n_test], self.task,
+            self.x_train[:n_train],
+            self.y_train[:n_train],
+            self.x_val[:n_test],
+            self.y_val[:n_test],
+            self.x_test[:n_test],
+            self.y_test[:n_test],
+            self.task,
         )
 
 
 def split_train_val_test(
-    x: np.ndarray, y: np.ndarray, *, seed: int, val: float = 0.15, test: float = 0.15, task: str = "classification"
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int,
+    val: float = 0.15,
+    test: float = 0.15,
+    task: str = "classification",
 ) -> Splits:
     """A fixed, seeded (stratified for classification) train/val/test split of one array pair."""
     from sklearn.model_selection import train_test_split
@@ -78,12 +89,16 @@ def load_diabetes(seed: int = 0) -> Splits:
 
 def _image_arrays(x_train, y_train, x_test, y_test, *, seed: int, val_fraction: float) -> Splits:
     """keras-layout uint8 images -> float32 in [0, 1] with a channel axis, val carved from train."""
+
     def prep(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype="float32") / 255.0
         return x[..., None] if x.ndim == 3 else x
 
     x_train, x_test = prep(x_train), prep(x_test)
-    y_train, y_test = np.asarray(y_train).reshape(-1).astype("int64"), np.asarray(y_test).reshape(-1).astype("int64")
+    y_train, y_test = (
+        np.asarray(y_train).reshape(-1).astype("int64"),
+        np.asarray(y_test).reshape(-1).astype("int64"),
+    )
     order = np.random.default_rng(seed).permutation(len(x_train))
     n_val = int(len(x_train) * val_fraction)
     val, tr = order[:n_val], order[n_val:]
@@ -94,7 +109,9 @@ def load_npz(path: str | Path, *, seed: int = 0, val_fraction: float = 0.1) -> S
     """A local .npz in the keras layout (x_train, y_train, x_test, y_test)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; pass an .npz with x_train, y_train, x_test, y_test")
+        raise DataError(
+            f"data file {path} does not exist; pass an .npz with x_train, y_train, x_test, y_test"
+        )
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 import tf_keras as keras
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 
 L = keras.layers
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 import numpy as np
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import ModelError, PlanError
 from edgeq.plan import BitPlan
 from edgeq.quantize_config import BitsQuantizeConfig, custom_objects
-
 
 qk = tfmot.quantization.keras
 # Layers whose kernel a BitsQuantizeConfig can fake-quantize, and whether it is per output channel.
@@ -35,7 +34,9 @@ def check_plan(model: keras.Model, plan: BitPlan) -> None:
     supported = ", ".join(sorted(c.__name__ for c in QUANTIZABLE))
     for name, lb in plan.layers.items():
         if name not in names:
-            raise PlanError(f"plan names layer {name!r} that model {model.name!r} lacks; layers: {sorted(names)}")
+            raise PlanError(
+                f"plan names layer {name!r} that model {model.name!r} lacks; layers: {sorted(names)}"
+            )
         if type(names[name]) not in QUANTIZABLE:
             raise ModelError(
                 f"layer {name!r} is a {type(names[name]).__name__}, which edgeq cannot quantize; "

@@ -35,8 +35,12 @@ class PipelineSpec:
 
     def with_epochs(self, n: int) -> PipelineSpec:
         """The same pipeline with every training stage capped at n epochs (smoke runs, tests)."""
-        return replace(self, epochs=min(self.epochs, n), bnn_epochs=min(self.bnn_epochs, n),
-                       qat_epochs=min(self.qat_epochs, n))
+        return replace(
+            self,
+            epochs=min(self.epochs, n),
+            bnn_epochs=min(self.bnn_epochs, n),
+            qat_epochs=min(self.qat_epochs, n),
+        )
 
 
 def load_pipeline(path: str | Path) -> PipelineSpec:

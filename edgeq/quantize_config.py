@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 import tensorflow_model_optimization as tfmot
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 
 qk = tfmot.quantization.keras
 

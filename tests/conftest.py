@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import edgeq  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-
 import numpy as np
 import pytest
+
+import edgeq  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def tiny_tflite(tiny_keras, digits) -> bytes:
 
 @pytest.fixture
 def tiny_build(tmp_path, tiny_tflite, digits):
-    """A build folder as `edgeq run` leaves it, reduced to model.tflite and test_data.npz (last 100 digits)."""
+    """A build folder as `edgeq run` leaves it, reduced to model.tflite and test_data.npz (100 digits)."""
     x, y = digits
     (tmp_path / "model.tflite").write_bytes(tiny_tflite)
     np.savez(tmp_path / "test_data.npz", x=x[-100:], y=y[-100:])

@@ -46,7 +46,9 @@ def test_kl_is_divided_by_num_examples(tiny_keras, digits):
 def test_deterministic_twin_reproduces_float_model(tiny_keras, twin, digits):
     x, _ = digits
     det = bayes.to_deterministic(twin, tiny_keras)
-    np.testing.assert_allclose(det.predict(x[:64], verbose=0), tiny_keras.predict(x[:64], verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        det.predict(x[:64], verbose=0), tiny_keras.predict(x[:64], verbose=0), atol=1e-5
+    )
 
 
 def test_training_moves_sigma_and_mc_evaluation(tiny_keras, digits):
@@ -57,8 +59,12 @@ def test_training_moves_sigma_and_mc_evaluation(tiny_keras, digits):
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     bnn = bayes.train_bayesian(
         lambda: bayes.to_bayesian(tiny_keras, num_examples=1400, init_sigma=0.01),
-        x[:1400], y[:1400], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        epochs=2, lr=5e-3, strategy=strategy,
+        x[:1400],
+        y[:1400],
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        epochs=2,
+        lr=5e-3,
+        strategy=strategy,
     )
     sig = np.concatenate([p.sigma.ravel() for p in bayes.posteriors(bnn)])
     assert not np.allclose(sig, 0.01, rtol=1e-3)

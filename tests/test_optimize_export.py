@@ -1,4 +1,4 @@
-"""TF-MOT mixed-precision QAT reaches the flatbuffer: INT4 tensors, distinct-value bounds, verified storage."""
+"""Mixed-precision QAT reaches the flatbuffer: INT4 tensors, distinct-value bounds, verified storage."""
 
 from __future__ import annotations
 

@@ -1,0 +1,207 @@
+"""Pruning: TF-MOT magnitude pruning, informativeness-guided masks, and structured channel pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
+from edgeq.errors import EdgeqError, ModelError
+from edgeq.posterior import LayerPosterior
+
+POLICIES = ("magnitude", "informativeness")
+sparsity_api = tfmot.sparsity.keras
+
+
+class PruningError(EdgeqError):
+    """A pruning request that cannot be carried out."""
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise PruningError(f"sparsity {sparsity} is outside [0, 1); pass the fraction of weights to remove")
+
+
+def _kernel_layers(model: keras.Model) -> list:
+    return [lyr for lyr in model.layers if isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense))]
+
+
+def informativeness_masks(posteriors: list[LayerPosterior], sparsity: float) -> dict[str, np.ndarray]:
+    """Per layer, a 0/1 mask that removes the `sparsity` fraction of weights with the lowest |mu|/sigma."""
+    _check_sparsity(sparsity)
+    masks = {}
+    for p in posteriors:
+        info = np.abs(p.mu) / p.sigma
+        k = int(np.floor(sparsity * info.size))
+        mask = np.ones(info.size, dtype=np.float32)
+        if k:
+            mask[np.argpartition(info.ravel(), k - 1)[:k]] = 0.0
+        masks[p.name] = mask.reshape(info.shape)
+    return masks
+
+
+class KeepMasks(keras.callbacks.Callback):
+    """Re-applies fixed weight masks after every batch, so pruned weights stay zero (QAT included)."""
+
+    def __init__(self, masks: dict[str, np.ndarray]):
+        super().__init__()
+        self.masks = masks
+        self._vars: list = []
+
+    def on_train_begin(self, logs=None):
+        self._vars = []
+        for name, mask in self.masks.items():
+            var = _find_kernel(self.model, name, mask.shape)
+            self._vars.append((var, mask))
+        self._apply()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._apply()
+
+    def _apply(self) -> None:
+        for var, mask in self._vars:
+            var.assign(var * mask)
+
+
+def _find_kernel(model: keras.Model, name: str, shape) -> object:
+    """The kernel variable of layer `name`, also inside TF-MOT quantize/prune wrappers."""
+    for var in model.weights:
+        parts = var.name.split("/")
+        if (
+            any(p == name or p.endswith(f"_{name}") for p in parts[:-1])
+            and "kernel" in parts[-1]
+            and tuple(var.shape) == tuple(shape)
+        ):
+            return var
+    raise ModelError(f"no kernel of shape {tuple(shape)} for layer {name!r} in model {model.name!r}")
+
+
+def apply_masks(model: keras.Model, masks: dict[str, np.ndarray]) -> keras.Model:
+    """Zero the masked weights in place (one shot) and return the model."""
+    for name, mask in masks.items():
+        var = _find_kernel(model, name, mask.shape)
+        var.assign(var * mask)
+    return model
+
+
+def prune_model(
+    model: keras.Model,
+    *,
+    sparsity: float,
+    schedule=None,
+    policy: str = "magnitude",
+    posteriors: list[LayerPosterior] | None = None,
+):
+    """Prune to `sparsity`: TF-MOT prune_low_magnitude, or masks of the least informative weights.
+
+    magnitude: returns TF-MOT's wrapped model; fit it with `tfmot.sparsity.keras.UpdatePruningStep()`
+    and call `strip(model)` after. informativeness: returns (model with masks applied, KeepMasks callback)
+    to pass to fit so the pruned weights stay zero.
+    """
+    _check_sparsity(sparsity)
+    if policy not in POLICIES:
+        raise PruningError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+    if policy == "magnitude":
+        schedule = schedule or sparsity_api.ConstantSparsity(sparsity, begin_step=0, frequency=1)
+        return sparsity_api.prune_low_magnitude(model, pruning_schedule=schedule)
+    if not posteriors:
+        raise PruningError("policy 'informativeness' needs posteriors=edgeq.bayes.posteriors(bnn)")
+    out = keras.models.clone_model(model)
+    out.set_weights(model.get_weights())
+    masks = informativeness_masks(posteriors, sparsity)
+    return apply_masks(out, masks), KeepMasks(masks)
+
+
+def strip(model: keras.Model) -> keras.Model:
+    """A plain Keras model without TF-MOT pruning wrappers, ready for conversion."""
+    return sparsity_api.strip_pruning(model)
+
+
+def sparsity_of(model: keras.Model, names: list[str] | None = None) -> float:
+    """Fraction of exactly-zero kernel weights over the named (default: all) Conv2D/Dense layers."""
+    layers = [lyr for lyr in _kernel_layers(model) if names is None or lyr.name in names]
+    zeros = sum(int(np.sum(lyr.get_weights()[0] == 0)) for lyr in layers)
+    total = sum(lyr.get_weights()[0].size for lyr in layers)
+    return zeros / max(total, 1)
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Which output channels each layer keeps after structured pruning."""
+
+    keep: dict[str, np.ndarray]
+
+
+def channel_plan(
+    posteriors: list[LayerPosterior], fraction: float, *, skip: tuple[str, ...] = ()
+) -> ChannelPlan:
+    """Keep the (1 - fraction) most informative output channels (last kernel axis) of each layer."""
+    _check_sparsity(fraction)
+    keep = {}
+    for p in posteriors:
+        if p.name in skip:
+            continue
+        info = (np.abs(p.mu) / p.sigma).reshape(-1, p.mu.shape[-1]).mean(0)
+        n_keep = max(1, int(round(info.size * (1.0 - fraction))))
+        keep[p.name] = np.sort(np.argsort(-info)[:n_keep])
+    return ChannelPlan(keep)
+
+
+_PASS_THROUGH = (
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.Dropout,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.BatchNormalization,
+)
+
+
+def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
+    """A smaller Sequential model without the dropped output channels (and the inputs that fed on them)."""
+    if not isinstance(model, keras.Sequential):
+        raise ModelError("structured pruning rebuilds Sequential models; wrap the layers in keras.Sequential")
+    last = _kernel_layers(model)[-1].name
+    if last in plan.keep:
+        raise PruningError(f"layer {last!r} is the output layer; its channels are the model's outputs")
+    layers, weights = [keras.layers.Input(model.input_shape[1:])], []
+    prev_keep: np.ndarray | None = None  # kept channels of the tensor flowing in
+    flat_channels: int | None = None
+    for lyr in model.layers:
+        cfg, w = lyr.get_config(), lyr.get_weights()
+        if isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel, bias = w[0], (w[1] if len(w) > 1 else None)
+            if prev_keep is not None:
+                if isinstance(lyr, keras.layers.Dense) and flat_channels is not None:
+                    rows = np.arange(kernel.shape[0]).reshape(-1, flat_channels)[:, prev_keep].ravel()
+                    kernel = kernel[rows]
+                else:
+                    kernel = np.take(kernel, prev_keep, axis=-2)
+            keep = plan.keep.get(lyr.name)
+            if keep is not None:
+                kernel = kernel[..., keep]
+                bias = bias[keep] if bias is not None else None
+                cfg["filters" if "filters" in cfg else "units"] = int(keep.size)
+            prev_keep, flat_channels = keep, None
+            weights.append([kernel] + ([bias] if bias is not None else []))
+        elif isinstance(lyr, keras.layers.Flatten):
+            flat_channels = int(lyr.input_shape[-1])
+            weights.append([])
+        elif isinstance(lyr, keras.layers.BatchNormalization) and prev_keep is not None:
+            weights.append([v[prev_keep] for v in w])
+        elif isinstance(lyr, _PASS_THROUGH) or not w:
+            weights.append(w)
+        else:
+            raise ModelError(
+                f"structured pruning cannot pass through layer {lyr.name!r} ({type(lyr).__name__})"
+            )
+        layers.append(lyr.__class__.from_config(cfg))
+    small = keras.Sequential(layers, name=f"{model.name}_pruned")
+    for lyr, w in zip(small.layers, weights, strict=True):
+        if w:
+            lyr.set_weights(w)
+    return small

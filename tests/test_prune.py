@@ -1,0 +1,86 @@
+"""Pruning: sparsity reached and kept through QAT and conversion; structured pruning drops channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deploy import export
+from edgeq import bayes, prune
+from edgeq.optimize import quantize_model
+from edgeq.plan import BitPlan
+
+
+@pytest.fixture(scope="module")
+def posts(tiny_keras):
+    bnn = bayes.to_bayesian(tiny_keras, num_examples=1400, init_sigma=0.01)
+    return bayes.posteriors(bnn)
+
+
+def _loss():
+    import tf_keras as keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def test_informativeness_masks_drop_least_informative(posts):
+    masks = prune.informativeness_masks(posts, 0.75)
+    for p in posts:
+        info = np.abs(p.mu) / p.sigma
+        kept, dropped = info[masks[p.name] == 1], info[masks[p.name] == 0]
+        assert dropped.size == int(np.floor(0.75 * info.size))
+        assert dropped.max() <= kept.min()
+
+
+def test_magnitude_pruning_with_tfmot_reaches_sparsity(tiny_keras, digits):
+    import tensorflow_model_optimization as tfmot
+
+    x, y = digits
+    pm = prune.prune_model(tiny_keras, sparsity=0.6)
+    pm.compile("adam", _loss())
+    pm.fit(x[:256], y[:256], epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    assert prune.sparsity_of(prune.strip(pm)) == pytest.approx(0.6, abs=0.01)
+
+
+def test_informativeness_sparsity_survives_qat_and_conversion(tiny_keras, digits, posts):
+    import tf_keras as keras
+
+    x, y = digits
+    pm, keep = prune.prune_model(tiny_keras, sparsity=0.7, policy="informativeness", posteriors=posts)
+    plan = BitPlan.from_bits({"conv1": 8, "fc1": 4, "fc2": 8})
+    qat = quantize_model(pm, plan)
+    qat.compile(keras.optimizers.Adam(1e-3), _loss())
+    qat.fit(x[:512], y[:512], epochs=1, verbose=0, callbacks=[keep])
+    tflite = export.convert(qat, x[:100])
+    fc1 = next(t for t in export.weight_tensors(tflite) if t.shape == (32, 288))
+    vals = export._values(
+        next(t for t, _ in export._weights(export._read(tflite)) if int(t.index) == fc1.index)
+    )
+    assert np.sum(vals == 0) >= int(np.floor(0.7 * vals.size))  # the masked weights quantize to exactly 0
+
+
+def test_structured_pruning_shrinks_params_and_flash(tiny_keras, digits, posts):
+    x, _ = digits
+    small = prune.prune_channels(tiny_keras, prune.channel_plan(posts, 0.5, skip=("fc2",)))
+    assert small.count_params() < 0.6 * tiny_keras.count_params()
+    assert small.get_layer("conv1").filters == 4 and small.get_layer("fc1").units == 16
+    assert len(export.convert(small, x[:50])) < len(export.convert(tiny_keras, x[:50]))
+
+
+def test_structured_pruning_keeps_function_when_nothing_is_dropped(tiny_keras, digits, posts):
+    x, _ = digits
+    same = prune.prune_channels(tiny_keras, prune.channel_plan(posts, 0.0, skip=("fc2",)))
+    np.testing.assert_allclose(
+        same.predict(x[:32], verbose=0), tiny_keras.predict(x[:32], verbose=0), atol=1e-5
+    )
+
+
+def test_bad_inputs(tiny_keras, posts):
+    with pytest.raises(prune.PruningError, match=r"\[0, 1\)"):
+        prune.prune_model(tiny_keras, sparsity=1.0)
+    with pytest.raises(prune.PruningError, match="posteriors"):
+        prune.prune_model(tiny_keras, sparsity=0.5, policy="informativeness")
+    with pytest.raises(prune.PruningError, match="policy"):
+        prune.prune_model(tiny_keras, sparsity=0.5, policy="random")
+    with pytest.raises(prune.PruningError, match="output layer"):
+        prune.prune_channels(tiny_keras, prune.channel_plan(posts, 0.5))
