@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per job."""
     p = argparse.ArgumentParser(
         prog="edgeq",
-        description="Mixed-precision quantization of Keras models for TensorFlow Lite Micro, from uncertainty.",
+        description="Uncertainty-driven mixed-precision quantization of Keras models for TFLite Micro.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(

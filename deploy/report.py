@@ -226,7 +226,7 @@ def markdown(rep: dict) -> str:
 
 
 def plots(folder: Path, rep: dict) -> None:
-    """bits_per_layer.png (bits, informativeness) and flash_bytes.png (int8, uncompressed, deployed, limit)."""
+    """Write bits_per_layer.png (bits, informativeness) and flash_bytes.png (model sizes side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
