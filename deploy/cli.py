@@ -13,10 +13,12 @@ from edgeq.errors import EdgeqError
 
 def _run(args: argparse.Namespace) -> int:
     from deploy.flow import RunOptions, check_target, run
+    from deploy.slicing import parse_budget
     from edgeq.pipeline import load_pipeline
 
     if args.target_bits is not None:
         check_target(args.target_bits)
+    budget = None if args.decode_budget.lower() == "none" else parse_budget(args.decode_budget)
     spec = load_pipeline(args.pipeline)
     rep = run(
         spec,
@@ -29,6 +31,7 @@ def _run(args: argparse.Namespace) -> int:
             data=args.data,
             epochs=args.epochs,
             board=args.board,
+            decode_budget=budget,
             quiet=args.quiet,
         ),
     )
@@ -97,6 +100,11 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--epochs", type=int, default=None, help="cap every training stage at N epochs (smoke runs)"
+    )
+    r.add_argument(
+        "--decode-budget",
+        default="16KiB",
+        help="split weight tensors larger than this when decompressed (16KiB, 90000B; none: never)",
     )
     r.add_argument("--board", default=None, help="check the result fits a board profile (e.g. nrf52840)")
     r.add_argument("--quiet", action="store_true", help="no progress display")

@@ -196,10 +196,13 @@ def verify_same_outputs(reference: bytes, candidate: bytes, x: np.ndarray, what:
         )
 
 
-def choose_storage(converted: bytes, storage: str, verify_x: np.ndarray) -> tuple[Storage, list[Storage]]:
-    """Build the storage variants asked for, verify each against `converted`, return (chosen, all)."""
+def choose_storage(
+    converted: bytes, storage: str, verify_x: np.ndarray, reference: bytes | None = None
+) -> tuple[Storage, list[Storage]]:
+    """Build the storage variants asked for, verify each against reference (default: converted)."""
     if storage not in STORAGES:
         raise ExportError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
+    reference = converted if reference is None else reference
     variants: list[Storage] = []
     if storage in ("int4", "auto"):
         variants.append(Storage("int4", converted, weight_tensors(converted)))
@@ -207,10 +210,9 @@ def choose_storage(converted: bytes, storage: str, verify_x: np.ndarray) -> tupl
         plain = unpack_int4(converted)
         variants.append(Storage("int8", plain, weight_tensors(plain)))
     if storage in ("lut", "auto"):
-        lut = lut_compress(converted)
-        verify_same_outputs(converted, lut.model, verify_x, "LUT-compressed model")
-        variants.append(lut)
-    if storage == "int8":
-        verify_same_outputs(converted, variants[0].model, verify_x, "INT8-unpacked model")
+        variants.append(lut_compress(converted))
+    for v in variants:
+        if v.model is not reference:
+            verify_same_outputs(reference, v.model, verify_x, f"{v.kind} model")
     chosen = min(variants, key=lambda s: len(s.model))
     return chosen, variants

@@ -13,6 +13,7 @@ import numpy as np
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import export, measure, report
+from deploy.slicing import slice_weights
 from edgeq.errors import EdgeqError, ModelError, PlanError
 from edgeq.pipeline import PipelineSpec
 
@@ -31,6 +32,7 @@ class RunOptions:
     data: str | None = None
     epochs: int | None = None  # caps every training stage (smoke runs)
     board: str | None = None
+    decode_budget: int | None = 16 * 1024  # bytes of decompressed weights per slice; None: no slicing
     quiet: bool = False
 
 
@@ -149,9 +151,9 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
     """Run the whole flow for one pipeline and write every artifact into opts.out; returns report.json."""
     import tensorflow as tf
     import tf_keras as keras
-    from edgeq.informativeness import layer_informativeness
 
     from edgeq import bayes
+    from edgeq.informativeness import layer_informativeness
     from edgeq.optimize import project_weights, quantize_model, quantize_scope, weight_layers
 
     target = check_target(opts.target_bits if opts.target_bits is not None else spec.target_bits)
@@ -225,7 +227,10 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
     progress.stage("export", f"converting and compressing (storage {opts.storage})")
     int8_model = export.convert(float_model, splits.x_train)
     uncompressed = export.convert(qat, splits.x_train)
-    chosen, variants = export.choose_storage(uncompressed, opts.storage, splits.x_test)
+    sliced = slice_weights(uncompressed, opts.decode_budget) if opts.decode_budget else None
+    chosen, variants = export.choose_storage(
+        sliced.model if sliced else uncompressed, opts.storage, splits.x_test, reference=uncompressed
+    )
 
     # 7. measure in TFLM and LiteRT
     progress.stage("measure", "measuring in TFLM and LiteRT over the whole test split")
@@ -287,6 +292,7 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
             packing_limit=packing_limit(float_model, plan.bits),
             allocate_s=allocate_s,
             stage_times=progress.done(),
+            slicing=sliced,
             board=board,
             carrays=carr,
         )

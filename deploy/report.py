@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def build(
     stage_times,
     board,
     carrays,
+    slicing=None,
 ) -> dict:
     """Assemble report.json (paths relative to the output folder)."""
     task_key = "accuracy" if "accuracy" in float_scores else "mae"
@@ -125,6 +127,11 @@ def build(
         },
         "stage_seconds": stage_times,
     }
+    if slicing is not None:
+        rep["slicing"] = {
+            "decode_budget_bytes": slicing.budget,
+            "layers": [dataclasses.asdict(r) for r in slicing.rows],
+        }
     int8_flash = rep["models"]["int8"]["flash_bytes"]
     rep["models"]["deployed"]["ratio_to_int8"] = _r(dep_fig["flash_bytes"] / int8_flash)
     rep["models"]["deployed"]["ratio_to_packing_limit"] = _r(dep_fig["flash_bytes"] / packing_limit)
