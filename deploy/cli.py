@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -33,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
             board=args.board,
             decode_budget=budget,
             quiet=args.quiet,
+            stderr=args.stderr,
         ),
     )
     d, key = rep["models"]["deployed"], "accuracy" if "accuracy" in rep["models"]["float"] else "mae"
@@ -108,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--board", default=None, help="check the result fits a board profile (e.g. nrf52840)")
     r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines")
     r.set_defaults(func=_run)
     i = sub.add_parser("inspect", help="operators, tensors, arena and flash of any .tflite")
     i.add_argument("model", help="a .tflite file")
@@ -134,17 +140,51 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextmanager
+def native_logs_to_file(enabled: bool):
+    """Send what TensorFlow's C++ side writes to stderr into a log file; yield the real stderr.
+
+    TensorFlow, the converter and absl print dozens of lines on file descriptor 2 that Python
+    cannot silence; the user should see edgeq's progress and errors, and the log when something breaks.
+    """
+    if not enabled:
+        yield sys.stderr, None
+        return
+    log = tempfile.NamedTemporaryFile(prefix="edgeq-", suffix=".log", delete=False)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    real = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield real, log.name
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        real.close()
+        log.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line on stderr and exit status 2 for every edgeq error."""
     args = parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except EdgeqError as e:
-        print(f"edgeq: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgeq: interrupted; nothing half-written was left in the output folder", file=sys.stderr)
-        return 130
+    with native_logs_to_file(args.command == "run" and not getattr(args, "verbose", False)) as (err, log):
+        args.stderr = err
+        try:
+            code = int(args.func(args) or 0)
+        except EdgeqError as e:
+            print(f"edgeq: error: {e}", file=err)
+            code = 2
+        except KeyboardInterrupt:
+            print("edgeq: interrupted; nothing half-written was left in the output folder", file=err)
+            code = 130
+        except Exception as e:  # noqa: BLE001  (a bug: keep the traceback in the log, say where it is)
+            traceback.print_exc()
+            print(f"edgeq: internal error: {type(e).__name__}: {e} (traceback in {log})", file=err)
+            code = 1
+    if log and code == 0:
+        Path(log).unlink(missing_ok=True)
+    return code
 
 
 if __name__ == "__main__":

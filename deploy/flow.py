@@ -34,6 +34,7 @@ class RunOptions:
     board: str | None = None
     decode_budget: int | None = 16 * 1024  # bytes of decompressed weights per slice; None: no slicing
     quiet: bool = False
+    stderr: object = None  # where progress goes (the CLI passes the real terminal)
 
 
 def check_target(bits: float) -> float:
@@ -72,8 +73,9 @@ def staging(out: Path):
 class Progress:
     """Shows which stage is running (rich on a terminal, plain lines otherwise)."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, stream=None):
         self.quiet = quiet
+        self.stream = stream
         self.t0 = time.perf_counter()
         self.times: dict[str, float] = {}
         self._last: tuple[str, float] | None = None
@@ -85,7 +87,8 @@ class Progress:
             from rich.console import Console
 
             i = STAGES.index(name) + 1
-            Console(stderr=True).print(f"[bold cyan][{i}/{len(STAGES)}][/] {what}", highlight=False)
+            console = Console(file=self.stream) if self.stream is not None else Console(stderr=True)
+            console.print(f"[bold cyan][{i}/{len(STAGES)}][/] {what}", highlight=False)
 
     def _close(self) -> None:
         if self._last:
@@ -168,7 +171,7 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
     if opts.epochs is not None:
         spec = spec.with_epochs(opts.epochs)
     out = prepare_out(Path(opts.out))
-    progress = Progress(opts.quiet)
+    progress = Progress(opts.quiet, opts.stderr)
 
     # 1. data
     progress.stage("data", f"loading data for pipeline {spec.name!r}")
