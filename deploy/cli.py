@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"edgeq: internal error: {type(e).__name__}: {e} (traceback in {log})", file=err)
             code = 1
-    if log and code == 0:
+    if log and code != 1:  # keep the log only for internal errors, where it holds the traceback
         Path(log).unlink(missing_ok=True)
     return code
 
