@@ -150,35 +150,47 @@ def packing_limit(model, plan_bits: dict[str, int]) -> int:
     return total
 
 
-def run(spec: PipelineSpec, opts: RunOptions) -> dict:
-    """Run the whole flow for one pipeline and write every artifact into opts.out; returns report.json."""
+@dataclass
+class Trained:
+    """The stages that run once per pipeline: data, the float model and its Bayesian twin."""
+
+    splits: object
+    float_model: object
+    bnn: object
+    det: object  # M_det: the float architecture carrying the posterior means
+    posteriors: list
+    sizes: dict[str, int]
+    loss: object
+    metrics: list
+
+
+@dataclass
+class Candidate:
+    """One bit plan carried through QAT and export: what a sweep compares and a run deploys."""
+
+    method: str
+    target: float
+    plan: object
+    qat: object
+    uncompressed: bytes
+    chosen: export.Storage
+    variants: list
+    sliced: object | None
+    allocate_s: float
+
+
+def train(spec: PipelineSpec, opts: RunOptions, progress: Progress) -> Trained:
+    """Stages 1-3: load data, train the float model, train its Bayesian twin."""
     import tensorflow as tf
     import tf_keras as keras
 
     from edgeq import bayes
-    from edgeq.informativeness import layer_informativeness
-    from edgeq.optimize import project_weights, quantize_model, quantize_scope, weight_layers
+    from edgeq.optimize import weight_layers
 
-    target = check_target(opts.target_bits if opts.target_bits is not None else spec.target_bits)
-    method = opts.method or spec.method
-    if opts.storage not in export.STORAGES:
-        raise EdgeqError(f"unknown --storage {opts.storage!r}; use one of {', '.join(export.STORAGES)}")
-    board = None
-    if opts.board:
-        from deploy.boards import load_board
-
-        board = load_board(opts.board)
-    if opts.epochs is not None:
-        spec = spec.with_epochs(opts.epochs)
-    out = prepare_out(Path(opts.out))
-    progress = Progress(opts.quiet, opts.stderr)
-
-    # 1. data
     progress.stage("data", f"loading data for pipeline {spec.name!r}")
     splits = spec.load_data(seed=opts.seed, data=opts.data)
     loss, metrics = _loss_and_metrics(splits.task)
 
-    # 2. the float model
     progress.stage("float", "training the float Keras model")
     keras.utils.set_random_seed(opts.seed)
     tf.config.experimental.enable_op_determinism()
@@ -198,7 +210,7 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
         verbose=0,
     )
 
-    # 3. its Bayesian twin (Flipout), kernel means from the float weights, KL / N
+    # The twin: TFP Flipout layers, kernel means from the float weights, KL / N.
     progress.stage("bayes", "training the Bayesian twin (TFP Flipout)")
     bnn = bayes.train_bayesian(
         lambda: bayes.to_bayesian(float_model, num_examples=len(splits.x_train), init_sigma=spec.init_sigma),
@@ -211,93 +223,163 @@ def run(spec: PipelineSpec, opts: RunOptions) -> dict:
     )
     posts = [p for p in bayes.posteriors(bnn) if p.name in sizes]
     det = bayes.to_deterministic(bnn, float_model)
+    return Trained(splits, float_model, bnn, det, posts, sizes, loss, metrics)
 
-    # 4. informativeness -> bit plan
-    progress.stage("allocate", f"allocating bits ({method}, target {target:g} mean bits)")
+
+def fine_tune(qat, trained: Trained, spec: PipelineSpec, epochs: int) -> None:
+    """TF-MOT QAT for `epochs`; with 0 epochs, one pass at learning rate 0 only calibrates the ranges.
+
+    The quantizers' ranges (activations' moving averages, kernels' last values) are set in training
+    mode, so even a model that is not fine-tuned needs one pass before conversion.
+    """
+    import tf_keras as keras
+
+    s = trained.splits
+    if epochs > 0:
+        qat.compile(keras.optimizers.Adam(spec.qat_lr), trained.loss, trained.metrics)
+        qat.fit(s.x_train, s.y_train, epochs=epochs, batch_size=spec.batch_size, verbose=0)
+    else:
+        qat.compile(keras.optimizers.SGD(0.0), trained.loss, trained.metrics)
+        qat.fit(s.x_train, s.y_train, epochs=1, batch_size=spec.batch_size, verbose=0)
+
+
+def make_candidate(
+    trained: Trained,
+    spec: PipelineSpec,
+    opts: RunOptions,
+    method: str,
+    target: float,
+    qat_epochs: int,
+    progress: Progress | None = None,
+) -> Candidate:
+    """Stages 4-6 for one (method, target): allocate, project + QAT, convert, slice, store, verify."""
+    from edgeq.optimize import project_weights, quantize_model
+
+    if progress:
+        progress.stage("allocate", f"allocating bits ({method}, target {target:g} mean bits)")
     t0 = time.perf_counter()
-    plan = _allocate(method, posts, target, spec, opts.seed)
+    plan = _allocate(method, trained.posteriors, target, spec, opts.seed)
     allocate_s = time.perf_counter() - t0
-    info = layer_informativeness(posts)
-
-    # 5. project onto the plan's grids, then TF-MOT QAT at each layer's bit width
-    progress.stage("qat", "quantization-aware fine-tuning with TF-MOT (per-layer bits)")
-    qat = quantize_model(project_weights(det, plan), plan)
-    qat.compile(keras.optimizers.Adam(spec.qat_lr), loss, metrics)
-    if spec.qat_epochs > 0:
-        qat.fit(splits.x_train, splits.y_train, epochs=spec.qat_epochs, batch_size=spec.batch_size, verbose=0)
-
-    # 6. export: int8 baseline, the QAT model (INT4 where <= 4 bits), LUT compression, verified
-    progress.stage("export", f"converting and compressing (storage {opts.storage})")
-    int8_model = export.convert(float_model, splits.x_train)
-    uncompressed = export.convert(qat, splits.x_train)
+    if progress:
+        progress.stage(
+            "qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)"
+        )
+    # Start QAT from the plan's own grids (uniform on [P5, P95], or the quantile levels).
+    qat = quantize_model(project_weights(trained.det, plan), plan)
+    fine_tune(qat, trained, spec, qat_epochs)
+    if progress:
+        progress.stage("export", f"converting, slicing and storing the weights ({opts.storage})")
+    s = trained.splits
+    uncompressed = export.convert(qat, s.x_train)
     sliced = slice_weights(uncompressed, opts.decode_budget) if opts.decode_budget else None
     chosen, variants = export.choose_storage(
-        sliced.model if sliced else uncompressed, opts.storage, splits.x_test, reference=uncompressed
+        sliced.model if sliced else uncompressed, opts.storage, s.x_test, reference=uncompressed
     )
+    return Candidate(method, target, plan, qat, uncompressed, chosen, variants, sliced, allocate_s)
 
-    # 7. measure in TFLM and LiteRT
-    progress.stage("measure", "measuring in TFLM and LiteRT over the whole test split")
-    x, y, task = splits.x_test, splits.y_test, splits.task
-    bnn_quality = bayes.mc_evaluate(bnn, x, y) if task == "classification" else None
-    m_int8 = measure.measure_tflm(int8_model, x, y, task)
-    m_dep = measure.measure_tflm(chosen.model, x, y, task)
-    m_unc = measure.measure_tflm(uncompressed, x, y, task)
-    lite_raw = measure.run_litert(uncompressed, x, "BUILTIN_REF")
-    lite_scores = measure.score(lite_raw, y, measure.output_quant(uncompressed), task)
-    vs_litert = measure.agreement(m_unc["raw"], lite_raw)
-    vs_uncompressed = measure.agreement(m_dep["raw"], m_unc["raw"])
 
-    # 8. write the artifacts (staged, then renamed into place) and the report
-    progress.stage("write", f"writing artifacts to {out}")
+def _validate(spec: PipelineSpec, opts: RunOptions):
+    """Check every option before any work starts; returns (spec, target, method, board, out, progress)."""
+    target = check_target(opts.target_bits if opts.target_bits is not None else spec.target_bits)
+    method = opts.method or spec.method
+    if opts.storage not in export.STORAGES:
+        raise EdgeqError(f"unknown --storage {opts.storage!r}; use one of {', '.join(export.STORAGES)}")
+    board = None
+    if opts.board:
+        from deploy.boards import load_board
+
+        board = load_board(opts.board)
+    if opts.epochs is not None:
+        spec = spec.with_epochs(opts.epochs)
+    out = prepare_out(Path(opts.out))
+    return spec, target, method, board, out, Progress(opts.quiet, opts.stderr)
+
+
+def run(spec: PipelineSpec, opts: RunOptions) -> dict:
+    """Run the whole flow for one pipeline and write every artifact into opts.out; returns report.json."""
+    spec, target, method, board, out, progress = _validate(spec, opts)
+    trained = train(spec, opts, progress)
+    cand = make_candidate(trained, spec, opts, method, target, spec.qat_epochs, progress)
+    return deploy_candidate(trained, cand, spec, opts, board, out, progress)
+
+
+def deploy_candidate(
+    trained: Trained,
+    cand: Candidate,
+    spec: PipelineSpec,
+    opts: RunOptions,
+    board,
+    out: Path,
+    progress: Progress,
+    extra: dict | None = None,
+) -> dict:
+    """Stages 6-8 for the chosen candidate: int8 baseline, measurements, artifacts, report."""
     from deploy.carrays import write_c_arrays
     from deploy.firmware import render_firmware
+    from deploy.tflm import io_quant, tflm_interpreter
+    from edgeq import bayes
+    from edgeq.informativeness import layer_informativeness
+    from edgeq.optimize import quantize_scope
 
+    progress.stage("measure", "measuring the int8 baseline and the deployed model in TFLM and LiteRT")
+    s = trained.splits
+    int8_model = export.convert(trained.float_model, s.x_train)
+    x, y, task = s.x_test, s.y_test, s.task
+    bnn_quality = bayes.mc_evaluate(trained.bnn, x, y) if task == "classification" else None
+    m_int8 = measure.measure_tflm(int8_model, x, y, task)
+    m_dep = measure.measure_tflm(cand.chosen.model, x, y, task)
+    m_unc = measure.measure_tflm(cand.uncompressed, x, y, task)
+    lite_raw = measure.run_litert(cand.uncompressed, x, "BUILTIN_REF")
+    lite_scores = measure.score(lite_raw, y, measure.output_quant(cand.uncompressed), task)
+
+    progress.stage("write", f"writing artifacts to {out}")
     with staging(out) as stage:
-        float_model.save(stage / "model_float.keras")
+        trained.float_model.save(stage / "model_float.keras")
         with quantize_scope():
-            qat.save(stage / "model_qat.keras")
-        plan.save(stage / "bitplan.json")
+            cand.qat.save(stage / "model_qat.keras")
+        cand.plan.save(stage / "bitplan.json")
         (stage / "model_int8.tflite").write_bytes(int8_model)
-        (stage / "model_uncompressed.tflite").write_bytes(uncompressed)
-        (stage / "model.tflite").write_bytes(chosen.model)
+        (stage / "model_uncompressed.tflite").write_bytes(cand.uncompressed)
+        (stage / "model.tflite").write_bytes(cand.chosen.model)
         np.savez(stage / "test_data.npz", x=x, y=y)
-        carr = write_c_arrays(chosen.model, stage, spec.name)
-        input_q = measure.io_quant(measure.tflm_interpreter(chosen.model), "input")
+        carr = write_c_arrays(cand.chosen.model, stage, spec.name)
         render_firmware(
-            chosen.model,
+            cand.chosen.model,
             stage,
             name=spec.name,
             arena_bytes=m_dep["figures"]["arena_bytes"],
-            input_quant=input_q,
+            input_quant=io_quant(tflm_interpreter(cand.chosen.model), "input"),
             c_arrays=carr,
         )
         rep = report.build(
             spec=spec,
             opts=opts,
-            target=target,
-            method=method,
-            plan=plan,
-            sizes=sizes,
-            info=info,
-            float_scores=_keras_score(float_model, x, y, task),
-            det_scores=_keras_score(det, x, y, task),
-            qat_scores=_keras_score(qat, x, y, task),
+            target=cand.target,
+            method=cand.method,
+            plan=cand.plan,
+            sizes=trained.sizes,
+            info=layer_informativeness(trained.posteriors),
+            float_scores=_keras_score(trained.float_model, x, y, task),
+            det_scores=_keras_score(trained.det, x, y, task),
+            qat_scores=_keras_score(cand.qat, x, y, task),
             bnn_quality=bnn_quality,
             int8=m_int8,
             deployed=m_dep,
             uncompressed=m_unc,
-            chosen=chosen,
-            variants=variants,
+            chosen=cand.chosen,
+            variants=cand.variants,
             lite_scores=lite_scores,
-            vs_litert=vs_litert,
-            vs_uncompressed=vs_uncompressed,
-            litert_latency_us=measure.litert_latency_us(uncompressed, x[0]),
-            packing_limit=packing_limit(float_model, plan.bits),
-            allocate_s=allocate_s,
+            vs_litert=measure.agreement(m_unc["raw"], lite_raw),
+            vs_uncompressed=measure.agreement(m_dep["raw"], m_unc["raw"]),
+            litert_latency_us=measure.litert_latency_us(cand.uncompressed, x[0]),
+            packing_limit=packing_limit(trained.float_model, cand.plan.bits),
+            allocate_s=cand.allocate_s,
             stage_times=progress.done(),
-            slicing=sliced,
             board=board,
             carrays=carr,
+            slicing=cand.sliced,
         )
+        if extra:
+            rep.update(extra)
         report.write(stage, rep)
     return rep
