@@ -15,8 +15,15 @@ import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.errors import EdgeqError
 
 
+def check_target(bits: float) -> float:
+    """--target-bits and sweep targets must lie in [1, 8]."""
+    from deploy.flow import check_target as check
+
+    return check(bits)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from deploy.flow import RunOptions, check_target, run
+    from deploy.flow import RunOptions, run
     from deploy.slicing import parse_budget
     from edgeq.pipeline import load_pipeline
 
@@ -24,22 +31,23 @@ def _run(args: argparse.Namespace) -> int:
         check_target(args.target_bits)
     budget = None if args.decode_budget.lower() == "none" else parse_budget(args.decode_budget)
     spec = load_pipeline(args.pipeline)
-    rep = run(
-        spec,
-        RunOptions(
-            out=Path(args.out),
-            target_bits=args.target_bits,
-            seed=args.seed,
-            method=args.method,
-            storage=args.storage,
-            data=args.data,
-            epochs=args.epochs,
-            board=args.board,
-            decode_budget=budget,
-            quiet=args.quiet,
-            stderr=args.stderr,
-        ),
+    opts = RunOptions(
+        out=Path(args.out),
+        target_bits=args.target_bits,
+        seed=args.seed,
+        method=args.method,
+        storage=args.storage,
+        data=args.data,
+        epochs=args.epochs,
+        board=args.board,
+        decode_budget=budget,
+        quiet=args.quiet,
+        stderr=args.stderr,
     )
+    if args.board or args.flash_budget or args.ram_budget or args.max_accuracy_drop is not None:
+        rep = _search(args, spec, opts)
+    else:
+        rep = run(spec, opts)
     d, key = rep["models"]["deployed"], "accuracy" if "accuracy" in rep["models"]["float"] else "mae"
     print(
         f"{rep['pipeline']}: mean bits {rep['plan']['mean_bits']:.3f}, deployed {d['flash_bytes']:,} B flash "
@@ -49,6 +57,35 @@ def _run(args: argparse.Namespace) -> int:
     if "board" in rep:
         print(rep["board"]["message"])
     return 0
+
+
+def _search(args: argparse.Namespace, spec, opts) -> dict:
+    """The budget-driven search of deploy.sweep, with the command line's budgets and targets."""
+    from deploy.slicing import parse_budget
+    from deploy.sweep import budget_for, sweep
+
+    board = None
+    if args.board:
+        from deploy.boards import load_board
+
+        board = load_board(args.board)
+    flash = parse_budget(args.flash_budget) if args.flash_budget else None
+    ram = parse_budget(args.ram_budget) if args.ram_budget else None
+    try:
+        targets = tuple(float(t) for t in args.sweep_targets.split(","))
+    except ValueError as e:
+        raise EdgeqError(f"--sweep-targets {args.sweep_targets!r} is not a list of numbers like 2,3,4") from e
+    for t in targets:
+        check_target(t)
+    methods = tuple(m.strip() for m in args.sweep_methods.split(",") if m.strip())
+    return sweep(
+        spec,
+        opts,
+        targets=targets,
+        methods=methods,
+        budget=budget_for(board, flash, ram),
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -111,7 +148,29 @@ def parser() -> argparse.ArgumentParser:
         default="16KiB",
         help="split weight tensors larger than this when decompressed (16KiB, 90000B; none: never)",
     )
-    r.add_argument("--board", default=None, help="check the result fits a board profile (e.g. nrf52840)")
+    r.add_argument(
+        "--board",
+        default=None,
+        help="search for the most accurate model that fits this board (e.g. nrf52840), allowances included",
+    )
+    r.add_argument(
+        "--flash-budget", default=None, help="search within this flash for model.tflite (256KB, 1MiB)"
+    )
+    r.add_argument("--ram-budget", default=None, help="search within this TFLM arena size (64KB, 90000B)")
+    r.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        help="search for the smallest model within P accuracy points of the float model",
+    )
+    r.add_argument(
+        "--sweep-targets",
+        default="2,2.5,3,3.5,4,5,6,8",
+        help="comma-separated mean-bit targets a search tries (default 2,2.5,3,3.5,4,5,6,8)",
+    )
+    r.add_argument(
+        "--sweep-methods", default="qiu,rb", help="comma-separated allocation methods a search tries (qiu,rb)"
+    )
     r.add_argument("--quiet", action="store_true", help="no progress display")
     r.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines")
     r.set_defaults(func=_run)
