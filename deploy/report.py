@@ -62,7 +62,7 @@ def build(
         bits = t.lut_bits if t.lut_bits else (4 if t.stored_type == "INT4" else 8)
         storage_rows.append(
             {
-                "tensor": t.name,
+                "tensor": t.name or f"{t.op.lower()} #{t.index}",
                 "op": t.op,
                 "shape": list(t.shape),
                 "stored": t.stored_type,
