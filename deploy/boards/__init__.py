@@ -1,0 +1,168 @@
+"""Board profiles (flash/RAM budgets, clock, flashing tool) as YAML data, and the fit check against them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edgeq.errors import EdgeqError
+
+BOARDS_DIR = Path(__file__).resolve().parent
+TEMPLATE_FLAVOURS = ("cmake", "zephyr", "arduino")
+FLASH_TOOLS = ("pyocd", "esptool", "picotool", "arduino-cli")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
+
+
+class BoardError(EdgeqError):
+    """An unknown board or a board profile that does not make sense."""
+
+
+@dataclass(frozen=True)
+class Board:
+    """One board's budgets and how to flash it."""
+
+    name: str
+    core: str
+    clock_hz: int
+    flash_bytes: int
+    ram_bytes: int
+    firmware_allowance_bytes: int
+    stack_allowance_bytes: int
+    templates: tuple[str, ...]
+    flash_tool: str
+    flash_args: tuple[str, ...]
+    zephyr_board: str | None = None
+    arduino_fqbn: str | None = None
+
+    @property
+    def model_flash_budget(self) -> int:
+        """Flash bytes left for the model after TFLM and the app."""
+        return self.flash_bytes - self.firmware_allowance_bytes
+
+    @property
+    def arena_budget(self) -> int:
+        """RAM bytes left for the tensor arena after stack, heap and the rest."""
+        return self.ram_bytes - self.stack_allowance_bytes
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Whether a model fits a board, and by how much (negative margin = bytes short)."""
+
+    fits: bool
+    flash_margin: int
+    ram_margin: int
+    message: str
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "256KB", "1MiB", "90000B" or "90000"; KB and KiB both mean 1024 (as MCU vendors use them)."""
+    if isinstance(text, bool):
+        raise BoardError(f"size {text!r} is not a byte count; write e.g. 256KiB, 1MiB or 90000")
+    if isinstance(text, int):
+        if text < 0:
+            raise BoardError(f"size {text} is negative; sizes are byte counts >= 0")
+        return text
+    if not isinstance(text, str):
+        raise BoardError(f"size {text!r} is not a byte count; write e.g. 256KiB, 1MiB or 90000")
+    m = _SIZE_RE.match(text.replace("_", "").lower())
+    if not m or m.group(2) not in _UNITS:
+        raise BoardError(f"cannot read size {text!r}; write a whole number with B, KB/KiB, MB/MiB or GB/GiB")
+    value = (
+        float(m.group(1)) * _UNITS[m.group(2)] if "." in m.group(1) else int(m.group(1)) * _UNITS[m.group(2)]
+    )
+    if value != int(value):
+        raise BoardError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def known_boards() -> list[str]:
+    """Names of the board profiles shipped in deploy/boards."""
+    return sorted(p.stem for p in BOARDS_DIR.glob("*.yaml"))
+
+
+def _board_from(data: dict, source: Path) -> Board:
+    try:
+        board = Board(
+            name=str(data["name"]),
+            core=str(data["core"]),
+            clock_hz=int(data["clock_hz"]),
+            flash_bytes=parse_size(data["flash"]),
+            ram_bytes=parse_size(data["ram"]),
+            firmware_allowance_bytes=parse_size(data["firmware_allowance"]),
+            stack_allowance_bytes=parse_size(data["stack_allowance"]),
+            templates=tuple(str(t) for t in data["templates"]),
+            flash_tool=str(data["flash_tool"]),
+            flash_args=tuple(str(a) for a in data["flash_args"]),
+            zephyr_board=data.get("zephyr_board"),
+            arduino_fqbn=data.get("arduino_fqbn"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise BoardError(
+            f"board profile {source} is incomplete or malformed ({type(e).__name__}: {e})"
+        ) from e
+    bad = [t for t in board.templates if t not in TEMPLATE_FLAVOURS]
+    if bad or board.flash_tool not in FLASH_TOOLS or board.model_flash_budget <= 0 or board.arena_budget <= 0:
+        raise BoardError(
+            f"board profile {source} is inconsistent (templates {list(board.templates)}, tool "
+            f"{board.flash_tool}, allowances larger than flash or RAM?)"
+        )
+    return board
+
+
+def load_board(name: str) -> Board:
+    """The board profile called name (e.g. nrf52840); BoardError listing the known ones otherwise."""
+    known = known_boards()
+    key = str(name).strip().lower()
+    if key not in known:
+        raise BoardError(f"unknown board {name!r}; known boards: {', '.join(known)}")
+    path = BOARDS_DIR / f"{key}.yaml"
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise BoardError(f"board profile {path} is not a YAML mapping")
+    board = _board_from(data, path)
+    if board.name != key:
+        raise BoardError(f"board profile {path} names itself {board.name!r}; the file name must match")
+    return board
+
+
+def _b(n: int) -> str:
+    return f"{n:,} B"
+
+
+def fit_check(board: Board, flash_bytes: int, arena_bytes: int) -> FitResult:
+    """Does a model of flash_bytes with an arena of arena_bytes fit the board's budgets, and by how much."""
+    if flash_bytes < 0 or arena_bytes < 0:
+        raise BoardError(f"flash ({flash_bytes}) and arena ({arena_bytes}) bytes must be >= 0")
+    flash_margin = board.model_flash_budget - flash_bytes
+    ram_margin = board.arena_budget - arena_bytes
+    fits = flash_margin >= 0 and ram_margin >= 0
+    parts = []
+    for what, need, budget, margin, total, allowance in (
+        ("flash", flash_bytes, board.model_flash_budget, flash_margin, board.flash_bytes, "firmware"),
+        ("RAM", arena_bytes, board.arena_budget, ram_margin, board.ram_bytes, "stack/heap"),
+    ):
+        state = f"{_b(margin)} spare" if margin >= 0 else f"{_b(-margin)} short"
+        parts.append(
+            f"{what} {_b(need)} of {_b(budget)} available "
+            f"({_b(total)} less the {allowance} allowance): {state}"
+        )
+    head = f"fits {board.name}" if fits else f"does not fit {board.name}"
+    return FitResult(fits, flash_margin, ram_margin, f"{head}: " + "; ".join(parts))

@@ -1,0 +1,464 @@
+"""Read a .tflite flatbuffer: its operators, its tensors as stored, and the TFLM op-resolver calls it needs.
+
+Parsing uses the schema bindings that ship with tflite-micro (``schema_py_generated``, the same module
+``tflite_micro...compression.model_editor`` builds on), so what we report is what TFLM will read.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+# The custom code tflite_micro.compression's decode_insert gives the DECODE operator.
+DECODE_OP = "TFLM_DECODE"
+# DECODE Common Metadata (tflite_micro.compression.decode): 16-byte header before the value tables.
+_DCM_SIZE = 16
+_DCM_LUT = 0
+# LUT ancillary byte 5: bits 7-4 axis, 15 meaning one table for the whole tensor (lut.LutAncillaryData).
+_LUT_PER_TENSOR_AXIS = 0xF
+
+# MicroMutableOpResolver method per operator, from tflite-micro's micro_mutable_op_resolver.h.
+_RESOLVER = {
+    "ABS": "AddAbs",
+    "ADD": "AddAdd",
+    "ADD_N": "AddAddN",
+    "ARG_MAX": "AddArgMax",
+    "ARG_MIN": "AddArgMin",
+    "ASSIGN_VARIABLE": "AddAssignVariable",
+    "AVERAGE_POOL_2D": "AddAveragePool2D",
+    "BATCH_MATMUL": "AddBatchMatMul",
+    "BATCH_TO_SPACE_ND": "AddBatchToSpaceNd",
+    "BROADCAST_ARGS": "AddBroadcastArgs",
+    "BROADCAST_TO": "AddBroadcastTo",
+    "CALL_ONCE": "AddCallOnce",
+    "CAST": "AddCast",
+    "CEIL": "AddCeil",
+    "CONCATENATION": "AddConcatenation",
+    "CONV_2D": "AddConv2D",
+    "COS": "AddCos",
+    "CUMSUM": "AddCumSum",
+    "DEPTH_TO_SPACE": "AddDepthToSpace",
+    "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D",
+    "DEQUANTIZE": "AddDequantize",
+    "DIV": "AddDiv",
+    "ELU": "AddElu",
+    "EQUAL": "AddEqual",
+    "EXP": "AddExp",
+    "EXPAND_DIMS": "AddExpandDims",
+    "FILL": "AddFill",
+    "FLOOR": "AddFloor",
+    "FLOOR_DIV": "AddFloorDiv",
+    "FLOOR_MOD": "AddFloorMod",
+    "FULLY_CONNECTED": "AddFullyConnected",
+    "GATHER": "AddGather",
+    "GATHER_ND": "AddGatherNd",
+    "GREATER": "AddGreater",
+    "GREATER_EQUAL": "AddGreaterEqual",
+    "HARD_SWISH": "AddHardSwish",
+    "IF": "AddIf",
+    "L2_NORMALIZATION": "AddL2Normalization",
+    "L2_POOL_2D": "AddL2Pool2D",
+    "LEAKY_RELU": "AddLeakyRelu",
+    "LESS": "AddLess",
+    "LESS_EQUAL": "AddLessEqual",
+    "LOG": "AddLog",
+    "LOGICAL_AND": "AddLogicalAnd",
+    "LOGICAL_NOT": "AddLogicalNot",
+    "LOGICAL_OR": "AddLogicalOr",
+    "LOGISTIC": "AddLogistic",
+    "LOG_SOFTMAX": "AddLogSoftmax",
+    "MAXIMUM": "AddMaximum",
+    "MAX_POOL_2D": "AddMaxPool2D",
+    "MEAN": "AddMean",
+    "MINIMUM": "AddMinimum",
+    "MIRROR_PAD": "AddMirrorPad",
+    "MUL": "AddMul",
+    "NEG": "AddNeg",
+    "NOT_EQUAL": "AddNotEqual",
+    "PACK": "AddPack",
+    "PAD": "AddPad",
+    "PADV2": "AddPadV2",
+    "PRELU": "AddPrelu",
+    "QUANTIZE": "AddQuantize",
+    "READ_VARIABLE": "AddReadVariable",
+    "REDUCE_MAX": "AddReduceMax",
+    "RELU": "AddRelu",
+    "RELU6": "AddRelu6",
+    "RESHAPE": "AddReshape",
+    "RESIZE_BILINEAR": "AddResizeBilinear",
+    "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor",
+    "ROUND": "AddRound",
+    "RSQRT": "AddRsqrt",
+    "SELECT_V2": "AddSelectV2",
+    "SHAPE": "AddShape",
+    "SIN": "AddSin",
+    "SLICE": "AddSlice",
+    "SOFTMAX": "AddSoftmax",
+    "SPACE_TO_BATCH_ND": "AddSpaceToBatchNd",
+    "SPACE_TO_DEPTH": "AddSpaceToDepth",
+    "SPLIT": "AddSplit",
+    "SPLIT_V": "AddSplitV",
+    "SQRT": "AddSqrt",
+    "SQUARE": "AddSquare",
+    "SQUARED_DIFFERENCE": "AddSquaredDifference",
+    "SQUEEZE": "AddSqueeze",
+    "STRIDED_SLICE": "AddStridedSlice",
+    "SUB": "AddSub",
+    "SUM": "AddSum",
+    "SVDF": "AddSvdf",
+    "TANH": "AddTanh",
+    "TRANSPOSE": "AddTranspose",
+    "TRANSPOSE_CONV": "AddTransposeConv",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM",
+    "UNPACK": "AddUnpack",
+    "VAR_HANDLE": "AddVarHandle",
+    "WHILE": "AddWhile",
+    "ZEROS_LIKE": "AddZerosLike",
+    # Custom operators go by their custom code.
+    DECODE_OP: "AddDecode",
+    "TFLite_Detection_PostProcess": "AddDetectionPostprocess",
+    "CIRCULAR_BUFFER": "AddCircularBuffer",
+}
+
+_NUMPY = {
+    "FLOAT16": "<f2",
+    "FLOAT32": "<f4",
+    "FLOAT64": "<f8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "BOOL": "<u1",
+}
+
+
+class FlatbufferError(EdgeqError):
+    """Bytes that are not a readable TFLite flatbuffer."""
+
+
+class UnsupportedOperator(EdgeqError):
+    """Operators TFLM's MicroMutableOpResolver has no kernel for."""
+
+
+@dataclass(frozen=True)
+class LutInfo:
+    """How a LUT-compressed tensor is stored: index width, value tables, and the tensor DECODE restores."""
+
+    bits: int
+    per_channel: bool
+    axis: int | None
+    tables: int
+    table_size: int
+    decoded_type: str
+    decoded_shape: tuple[int, ...]
+    ancillary_index: int
+    # "dcm": read from the LUT ancillary header; "table-size": ceil(log2(table size)), header not understood.
+    source: str = "dcm"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the flatbuffer stores it."""
+
+    subgraph: int
+    index: int
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    bytes_stored: int
+    distinct_values: int | None
+    # "per-channel", "per-tensor" or "none"; a LUT-indices tensor reports its decoded tensor's.
+    quantization: str
+    quantized_dimension: int | None
+    # "constant", "activation", "lut-indices" (packed LUT indices), "lut-ancillary" (header + value
+    # tables) or "lut-decoded" (DECODE's output: lives in the arena, not in flash).
+    role: str
+    lut: LutInfo | None = None
+
+    @property
+    def lut_bits(self) -> int | None:
+        """Index bit width when the tensor holds LUT indices, else None."""
+        return self.lut.bits if self.lut else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Operators, tensors and size of one .tflite."""
+
+    ops: list[str]
+    tensors: list[TensorInfo] = field(default_factory=list)
+    flash_bytes: int = 0
+    subgraphs: int = 1
+    # Tensor indices of the main subgraph's inputs and outputs.
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+
+    def tensor(self, index: int, subgraph: int = 0) -> TensorInfo:
+        """The tensor at index in subgraph."""
+        return next(t for t in self.tensors if t.subgraph == subgraph and t.index == index)
+
+    def io_bytes(self, index: int) -> int:
+        """Bytes of one main-subgraph tensor at run time (elements times element size)."""
+        t = self.tensor(index)
+        n = int(np.prod(t.shape)) if t.shape else 1
+        return n * (np.dtype(_NUMPY[t.type]).itemsize if t.type in _NUMPY else 4)
+
+
+def _schema():
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def _enum_names(enum_cls) -> dict[int, str]:
+    return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def _parse(model_bytes: bytes, label: str = "the model"):
+    """The schema's ModelT for model_bytes, or FlatbufferError saying why not."""
+    hint = "; pass a .tflite written by the TFLite converter"
+    if not isinstance(model_bytes, (bytes, bytearray, memoryview)):
+        raise FlatbufferError(f"{label} is not a TFLite flatbuffer (got {type(model_bytes).__name__}){hint}")
+    buf = bytes(model_bytes)
+    if len(buf) < 8:
+        raise FlatbufferError(f"{label} is not a TFLite flatbuffer (only {len(buf)} bytes){hint}")
+    # Checked first: the schema reader happily "parses" all-zero or random bytes into an empty model.
+    if buf[4:8] != b"TFL3":
+        raise FlatbufferError(
+            f"{label} is not a TFLite flatbuffer (no TFL3 identifier at bytes 4-7: {buf[4:8]!r}){hint}"
+        )
+    root = struct.unpack_from("<I", buf, 0)[0]
+    if root >= len(buf):
+        raise FlatbufferError(
+            f"{label} is not a TFLite flatbuffer (root offset {root} past the end; truncated?){hint}"
+        )
+    try:
+        fb = _schema().ModelT.InitFromPackedBuf(buf, 0)
+    except Exception as e:  # the generated reader raises struct.error/IndexError/ValueError on bad offsets
+        raise FlatbufferError(
+            f"{label} is not a TFLite flatbuffer (truncated or corrupt: {type(e).__name__}: {e}){hint}"
+        ) from e
+    if not fb.subgraphs:
+        raise FlatbufferError(f"{label} is not a TFLite flatbuffer (no subgraphs){hint}")
+    for b in fb.buffers or []:
+        # Models over 2 GB keep buffer data after the flatbuffer, addressed by offset/size.
+        if b.offset and b.offset > 1 and b.offset + b.size > len(buf):
+            raise FlatbufferError(
+                f"{label} is not a TFLite flatbuffer (buffer data past the end; truncated?){hint}"
+            )
+    return fb
+
+
+def check_flatbuffer(model_bytes: bytes, label: str = "the model") -> None:
+    """Raise FlatbufferError unless model_bytes parse as a TFLite flatbuffer."""
+    _parse(model_bytes, label)
+
+
+def _opcode_names(fb) -> list[str]:
+    names = _enum_names(_schema().BuiltinOperator)
+    out = []
+    for oc in fb.operatorCodes or []:
+        if oc.customCode is not None:
+            out.append(oc.customCode.decode() if isinstance(oc.customCode, bytes) else str(oc.customCode))
+            continue
+        # Pre-2.3 files only fill deprecated_builtin_code; TFLite itself takes the larger of the two.
+        code = max(int(oc.builtinCode or 0), int(oc.deprecatedBuiltinCode or 0))
+        out.append(names.get(code, f"BUILTIN_{code}"))
+    return out
+
+
+def operators(model_bytes: bytes) -> list[str]:
+    """Distinct operator names in graph order (builtin enum names; custom ops by their custom code)."""
+    return _operators(_parse(model_bytes))
+
+
+def _operators(fb) -> list[str]:
+    codes = _opcode_names(fb)
+    seen: dict[str, None] = {}
+    for sg in fb.subgraphs:
+        for op in sg.operators or []:
+            seen.setdefault(codes[op.opcodeIndex], None)
+    return list(seen)
+
+
+def resolver_calls(ops: list[str]) -> list[str]:
+    """MicroMutableOpResolver method (e.g. AddConv2D) per distinct op; UnsupportedOperator if one lacks it."""
+    missing = [op for op in ops if op not in _RESOLVER]
+    if missing:
+        raise UnsupportedOperator(
+            f"TFLM has no kernel for: {', '.join(dict.fromkeys(missing))}; "
+            "replace these layers or register a custom kernel"
+        )
+    return [_RESOLVER[op] for op in dict.fromkeys(ops)]
+
+
+def unpack_int4(raw: bytes, count: int) -> np.ndarray:
+    """INT4 values packed two per byte (low nibble first), sign-extended to int8."""
+    b = np.frombuffer(raw, np.uint8)
+    vals = np.empty(b.size * 2, np.int8)
+    vals[0::2] = (b & 0x0F).astype(np.int8)
+    vals[1::2] = (b >> 4).astype(np.int8)
+    vals[vals > 7] -= 16
+    return vals[:count]
+
+
+def _buffer_bytes(fb, model: bytes, idx: int) -> bytes:
+    if not idx or idx >= len(fb.buffers):
+        return b""
+    b = fb.buffers[idx]
+    if b.offset and b.offset > 1:
+        return model[b.offset : b.offset + b.size]
+    return b.data.tobytes() if b.data is not None else b""
+
+
+def _quant(t) -> tuple[str, int | None]:
+    q = t.quantization
+    if q is None or q.scale is None or len(q.scale) == 0:
+        return "none", None
+    if len(q.scale) > 1:
+        return "per-channel", int(q.quantizedDimension)
+    return "per-tensor", None
+
+
+def _distinct(data: bytes, type_name: str, count: int) -> int | None:
+    if type_name == "INT4":
+        return int(np.unique(unpack_int4(data, count)).size)
+    dt = _NUMPY.get(type_name)
+    if dt is None or len(data) % np.dtype(dt).itemsize:
+        return None
+    return int(np.unique(np.frombuffer(data, dt)).size)
+
+
+def _lut(anc: bytes, enc: bytes, decoded_type: str, decoded_shape: tuple[int, ...], anc_index: int):
+    """(LutInfo, distinct decoded values) of one LUT-compressed tensor; (None, None) if not a LUT."""
+    if len(anc) < _DCM_SIZE or anc[0] != _DCM_LUT:
+        return None, None
+    n = int(np.prod(decoded_shape)) if decoded_shape else 1
+    dt = _NUMPY.get(decoded_type)
+    item = np.dtype(dt).itemsize if dt else 1
+    tables_bytes = anc[_DCM_SIZE:]
+    if anc[1] == 1 and anc[4] == 1 and 1 <= (anc[5] & 0x07) and anc[6] > 0:
+        bits, axis_field, stride = anc[5] & 0x07, anc[5] >> 4, anc[6]
+        axis = None if axis_field == _LUT_PER_TENSOR_AXIS else int(axis_field)
+        source = "dcm"
+    else:
+        # Unknown header version: fall back to the table length (one table assumed).
+        stride = max(1, len(tables_bytes) // item)
+        bits, axis, source = max(1, math.ceil(math.log2(stride))), None, "table-size"
+    n_tables = len(tables_bytes) // (stride * item) if stride else 0
+    info = LutInfo(
+        bits=bits,
+        per_channel=axis is not None,
+        axis=axis,
+        tables=n_tables,
+        table_size=stride,
+        decoded_type=decoded_type,
+        decoded_shape=decoded_shape,
+        ancillary_index=anc_index,
+        source=source,
+    )
+    if dt is None or source != "dcm" or len(enc) * 8 < n * bits or n_tables < 1:
+        return info, None
+    # Indices are packed MSB first (lut.pack_indices); rebuild them and look the values up.
+    bitarr = np.unpackbits(np.frombuffer(enc, np.uint8))[: n * bits].reshape(n, bits).astype(np.int64)
+    idx = bitarr @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    tables = np.frombuffer(tables_bytes[: n_tables * stride * item], dt).reshape(n_tables, stride)
+    if idx.max(initial=0) >= stride:
+        return info, None
+    if axis is None:
+        values = tables[0][idx]
+    else:
+        idx_nd = np.moveaxis(idx.reshape(decoded_shape), axis, 0)
+        if idx_nd.shape[0] != n_tables:
+            return info, None
+        values = np.take_along_axis(tables, idx_nd.reshape(n_tables, -1), axis=1)
+    return info, int(np.unique(values).size)
+
+
+def describe(model_bytes: bytes) -> ModelInfo:
+    """Operators, every tensor (type, shape, bytes, distinct values, quantization, LUT) and flash bytes."""
+    fb = _parse(model_bytes)
+    model = bytes(model_bytes)
+    types = _enum_names(_schema().TensorType)
+    codes = _opcode_names(fb)
+    tensors: list[TensorInfo] = []
+    for si, sg in enumerate(fb.subgraphs):
+        sg_tensors = sg.tensors or []
+        # DECODE inputs come in (encoded, ancillary) pairs, one decoded output per pair (decode_insert.py).
+        lut_of: dict[int, tuple[LutInfo, int | None, object]] = {}
+        ancillary: set[int] = set()
+        decoded: set[int] = set()
+        for op in sg.operators or []:
+            if codes[op.opcodeIndex] != DECODE_OP:
+                continue
+            ins, outs = list(op.inputs), list(op.outputs)
+            for k, out_idx in enumerate(outs):
+                if 2 * k + 1 >= len(ins):
+                    break
+                enc_i, anc_i = int(ins[2 * k]), int(ins[2 * k + 1])
+                if enc_i in lut_of:
+                    continue
+                dec = sg_tensors[out_idx]
+                dec_type = types.get(dec.type, str(dec.type))
+                dec_shape = tuple(int(s) for s in (dec.shape if dec.shape is not None else []))
+                anc = _buffer_bytes(fb, model, sg_tensors[anc_i].buffer)
+                enc = _buffer_bytes(fb, model, sg_tensors[enc_i].buffer)
+                info, distinct = _lut(anc, enc, dec_type, dec_shape, anc_i)
+                if info is not None:
+                    lut_of[enc_i] = (info, distinct, dec)
+                    ancillary.add(anc_i)
+                    decoded.add(int(out_idx))
+        for ti, t in enumerate(sg_tensors):
+            type_name = types.get(t.type, str(t.type))
+            shape = tuple(int(s) for s in (t.shape if t.shape is not None else []))
+            data = _buffer_bytes(fb, model, t.buffer)
+            count = int(np.prod(shape)) if shape else 1
+            lut = lut_of.get(ti)
+            if lut is not None:
+                info, distinct, dec = lut
+                qkind, qdim = _quant(dec)
+                role = "lut-indices"
+            else:
+                info = None
+                qkind, qdim = _quant(t)
+                if ti in ancillary:
+                    role = "lut-ancillary"
+                elif ti in decoded:
+                    role = "lut-decoded"
+                else:
+                    role = "constant" if data else "activation"
+                distinct = _distinct(data, type_name, count) if data and role == "constant" else None
+            name = t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name or "")
+            tensors.append(
+                TensorInfo(
+                    subgraph=si,
+                    index=ti,
+                    name=name,
+                    type=type_name,
+                    shape=shape,
+                    bytes_stored=len(data),
+                    distinct_values=distinct,
+                    quantization=qkind,
+                    quantized_dimension=qdim,
+                    role=role,
+                    lut=info,
+                )
+            )
+    main = fb.subgraphs[0]
+    return ModelInfo(
+        ops=_operators(fb),
+        tensors=tensors,
+        flash_bytes=len(model),
+        subgraphs=len(fb.subgraphs),
+        inputs=[int(i) for i in (main.inputs if main.inputs is not None else [])],
+        outputs=[int(i) for i in (main.outputs if main.outputs is not None else [])],
+    )
