@@ -234,12 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         except EdgeqError as e:
             print(f"edgeq: error: {e}", file=err)
             code = 2
+        except BrokenPipeError:  # `edgeq inspect m.tflite | head`: the reader left, nothing is wrong
+            code = 0
         except KeyboardInterrupt:
             print("edgeq: interrupted; nothing half-written was left in the output folder", file=err)
             code = 130
         except Exception as e:  # noqa: BLE001  (a bug: keep the traceback in the log, say where it is)
             traceback.print_exc()
-            print(f"edgeq: internal error: {type(e).__name__}: {e} (traceback in {log})", file=err)
+            where = f" (traceback in {log})" if log else ""
+            print(f"edgeq: internal error: {type(e).__name__}: {e}{where}", file=err)
             code = 1
     if log and code != 1:  # keep the log only for internal errors, where it holds the traceback
         Path(log).unlink(missing_ok=True)
