@@ -26,7 +26,7 @@ def test_inspect_reports_what_tflm_measures(tiny_build):
 
 def test_peak_memory_operator_counts_live_activations(tiny_tflite):
     peak = peak_memory_op(tiny_tflite)
-    # conv1: 8x8x1 in (64 B) + 6x6x8 out (288 B); reshape: 288 B in + 1x288 out (288 B) is the largest live set;
+    # conv1: 64 B in + 288 B out; reshape: 288 B in + 288 B out is the largest live set;
     # fc1: 288 + 32; fc2: 32 + 10
     assert peak["op"] == "RESHAPE" and peak["index"] == 1 and peak["live_bytes"] == 288 + 288
 
