@@ -96,15 +96,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str, func: str):
-    def call(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).__dict__[func](args.rest)
-
-    return call
-
-
 def parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per job."""
     p = argparse.ArgumentParser(
@@ -178,24 +169,12 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="a .tflite file")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=_inspect)
-    for name, module, func, text in (
-        (
-            "device-eval",
-            "deploy.device.evaluate",
-            "main_device_eval",
-            "run the test split on a board over serial",
-        ),
-        (
-            "virtual-board",
-            "deploy.device.virtual_board",
-            "main_virtual_board",
-            "a pseudo-terminal board that runs the model in TFLM",
-        ),
-        ("flash", "deploy.device.flash", "main_flash", "flash a rendered firmware with the board's tool"),
+    for name, text in (
+        ("device-eval", "run the test split on a board over serial and compare with the host's TFLM"),
+        ("virtual-board", "a pseudo-terminal board that answers the protocol by running the model in TFLM"),
+        ("flash", "flash a rendered firmware with the tool the board profile names"),
     ):
-        s = sub.add_parser(name, help=text, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_delegate(module, func))
+        sub.add_parser(name, help=f"{text} (see edgeq {name} --help)", add_help=False)
     return p
 
 
@@ -224,8 +203,21 @@ def native_logs_to_file(enabled: bool):
         log.close()
 
 
+DELEGATED = {
+    "device-eval": ("deploy.device.evaluate", "main_device_eval"),
+    "virtual-board": ("deploy.device.virtual_board", "main_virtual_board"),
+    "flash": ("deploy.device.flash", "main_flash"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line on stderr and exit status 2 for every edgeq error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:  # these commands own their options (argparse REMAINDER drops --flags)
+        import importlib
+
+        module, func = DELEGATED[argv[0]]
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     args = parser().parse_args(argv)
     with native_logs_to_file(args.command == "run" and not getattr(args, "verbose", False)) as (err, log):
         args.stderr = err
