@@ -129,10 +129,11 @@ def sweep(
     methods=("qiu", "rb"),
     budget: Budget = Budget(),
     max_accuracy_drop: float | None = None,
+    trained: Trained | None = None,
 ) -> dict:
-    """Train once, measure every (method, target) candidate, QAT the finalists, deploy the winner."""
+    """Train once (or reuse `trained`), measure each (method, target), QAT the finalists, deploy the best."""
     spec, _, _, board, out, progress = _validate(spec, opts)
-    trained = train(spec, opts, progress)
+    trained = trained or train(spec, opts, progress)
     progress.stage(
         "allocate", f"sweeping {len(targets)} targets x {len(methods)} methods (calibrated, no QAT)"
     )

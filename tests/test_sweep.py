@@ -1,0 +1,98 @@
+"""Budget search on the offline default: real fit, looser is better, impossible fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.flow import Progress, RunOptions, train
+from deploy.sweep import Budget, BudgetError, budget_for, sweep
+from edgeq.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = (2.5, 3.0, 4.0, 6.0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    spec = load_pipeline(ROOT / "pipelines" / "digits.py").with_epochs(3)
+    opts = RunOptions(out=tmp_path_factory.mktemp("train"), quiet=True)
+    return spec, train(spec, opts, Progress(True))
+
+
+def _sweep(setup, out: Path, **kw):
+    spec, trained = setup
+    return sweep(
+        spec, RunOptions(out=out, quiet=True), targets=TARGETS, methods=("qiu",), trained=trained, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def loose(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loose")
+    return out, _sweep(setup, out, budget=Budget(flash=1 << 20, ram=1 << 20))
+
+
+def _pareto(out: Path) -> list[dict]:
+    return json.loads((out / "pareto.json").read_text())["candidates"]
+
+
+def test_tight_budget_picks_a_sub_4_bit_model_that_really_fits(setup, loose, tmp_path):
+    loose_out, _ = loose
+    rows = _pareto(loose_out)
+    flash_4 = min(r["flash_bytes"] for r in rows if r["mean_bits"] >= 4.0)
+    budget = Budget(flash=flash_4 - 1, ram=64 * 1024)
+    assert any(r["flash_bytes"] <= budget.flash for r in rows), "the sweep must reach below 4 bits"
+    rep = _sweep(setup, tmp_path, budget=budget)
+    dep = rep["models"]["deployed"]
+    assert rep["plan"]["mean_bits"] < 4.0
+    assert (tmp_path / "model.tflite").stat().st_size == dep["flash_bytes"] <= budget.flash
+    assert dep["arena_bytes"] <= budget.ram
+    assert "Why this model" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    chosen = [r for r in _pareto(tmp_path) if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["fits"]
+
+
+def test_looser_budget_picks_a_more_accurate_model(loose, tmp_path, setup):
+    loose_out, loose_rep = loose
+    rows = _pareto(loose_out)
+    flash_4 = min(r["flash_bytes"] for r in rows if r["mean_bits"] >= 4.0)
+    tight_rep = _sweep(setup, tmp_path, budget=Budget(flash=flash_4 - 1))
+    assert (
+        loose_rep["models"]["deployed"]["accuracy_tflm"] >= tight_rep["models"]["deployed"]["accuracy_tflm"]
+    )
+    assert loose_rep["models"]["deployed"]["flash_bytes"] > tight_rep["models"]["deployed"]["flash_bytes"]
+    # the chosen one is the best measured (after QAT) among the finalists that fit
+    finals = [r for r in rows if r["qat_epochs"] > 0 and r["fits"]]
+    assert next(r for r in rows if r["chosen"])["score"] == max(r["score"] for r in finals)
+
+
+def test_impossible_budget_says_what_was_reached(setup, tmp_path):
+    with pytest.raises(
+        BudgetError, match=r"smallest flash reached was [\d,]+ B and the smallest arena [\d,]+ B"
+    ):
+        _sweep(setup, tmp_path, budget=Budget(flash=2000, ram=1000))
+    assert not (tmp_path / "model.tflite").exists()
+
+
+def test_max_accuracy_drop_picks_the_smallest_within_the_drop(setup, loose, tmp_path):
+    rep = _sweep(setup, tmp_path, max_accuracy_drop=100.0)
+    rows = _pareto(tmp_path)
+    assert rep["models"]["deployed"]["flash_bytes"] == min(
+        r["flash_bytes"] for r in rows if r["qat_epochs"] > 0
+    )
+    assert np.isfinite(rep["models"]["deployed"]["accuracy_tflm"])
+
+
+def test_board_allowances_shrink_the_budget():
+    from deploy.boards import load_board
+
+    board = load_board("nrf52832")
+    b = budget_for(board)
+    assert b.flash == board.flash_bytes - board.firmware_allowance_bytes
+    assert b.ram == board.ram_bytes - board.stack_allowance_bytes
+    assert budget_for(board, flash=1000).flash == 1000
