@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from deploy.flatbuffer import unpack_int4 as unpack_int4_values
 from deploy.tflm import run_tflm
 from edgeq.errors import EdgeqError
 
@@ -68,16 +69,6 @@ def _read(model_bytes: bytes):
     return model_editor.read(bytes(model_bytes))
 
 
-def _int4_values(raw: bytes, count: int) -> np.ndarray:
-    """Unpack TFLite's packed INT4 (low nibble first) into sign-extended int8 values."""
-    b = np.frombuffer(raw, np.uint8)
-    vals = np.empty(b.size * 2, np.int8)
-    vals[0::2] = (b & 0x0F).astype(np.int8)
-    vals[1::2] = (b >> 4).astype(np.int8)
-    vals[vals > 7] -= 16
-    return vals[:count]
-
-
 def _weights(model) -> Iterable[tuple[object, str]]:
     """(tensor, op name) for every constant weight input of a conv/dense operator."""
     seen = set()
@@ -95,7 +86,7 @@ def _weights(model) -> Iterable[tuple[object, str]]:
 def _values(t) -> np.ndarray:
     count = int(np.prod(t.shape))
     raw = bytes(t.buffer.data)
-    vals = _int4_values(raw, count) if t.dtype == INT4 else np.frombuffer(raw, np.int8)[:count]
+    vals = unpack_int4_values(raw, count) if t.dtype == INT4 else np.frombuffer(raw, np.int8)[:count]
     return vals.reshape(tuple(int(s) for s in t.shape))
 
 

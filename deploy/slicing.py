@@ -24,7 +24,6 @@ whole with a warning row.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +35,6 @@ MAX_CONCAT_INPUTS = 10  # TFLM's CONCATENATION kernel takes at most 10 inputs
 DEFAULT_DECODE_BUDGET = 16 * 1024
 SLICEABLE = {"FULLY_CONNECTED", "CONV_2D"}
 WEIGHT_OPS = SLICEABLE | {"DEPTHWISE_CONV_2D"}
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2}
-_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 class SliceError(EdgeqError):
@@ -77,18 +74,13 @@ class SliceResult:
 
 
 def parse_budget(text: str | int) -> int:
-    """Bytes from '16KiB', '16KB', '16k', '90000B' or '90000'; K/KB/KiB all mean 1024 (M/MB/MiB 1024**2)."""
-    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
-        value = int(text)
-    else:
-        m = _BUDGET_RE.match(str(text))
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            raise SliceError(
-                f"cannot parse decode budget {text!r}; write a byte count such as 16KiB, 16KB "
-                "(KB and KiB both mean 1024 B), 90000B or 90000"
-            )
-        value = int(float(m.group(1)) * _UNITS[unit])
+    """Bytes from '16KiB', '16KB', '16k', '90000B' or '90000' (deploy.boards.parse_size: KB = KiB = 1024)."""
+    from deploy.boards import BoardError, parse_size
+
+    try:
+        value = parse_size(int(text) if isinstance(text, np.integer) else text)
+    except BoardError as e:
+        raise SliceError(f"cannot parse decode budget {text!r}: {e}") from e
     if value <= 0:
         raise SliceError(f"decode budget {text!r} must be a positive number of bytes, e.g. 16KiB")
     return value

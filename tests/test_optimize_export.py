@@ -63,7 +63,7 @@ def test_storage_variants_compute_the_same(converted, digits):
 
 def test_unpack_int4_matches_reference_nibbles():
     # 0x21 -> low nibble 1, high nibble 2; 0xF8 -> low 8 (-8), high 15 (-1)
-    got = export._int4_values(bytes([0x21, 0xF8]), 4)
+    got = export.unpack_int4_values(bytes([0x21, 0xF8]), 4)
     np.testing.assert_array_equal(got, np.array([1, 2, -8, -1], np.int8))
 
 
