@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         board=args.board,
         decode_budget=budget,
+        decompress_to=args.decompress_to,
         quiet=args.quiet,
         stderr=args.stderr,
     )
@@ -133,6 +134,12 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--epochs", type=int, default=None, help="cap every training stage at N epochs (smoke runs)"
+    )
+    r.add_argument(
+        "--decompress-to",
+        choices=("arena", "alt"),
+        default="arena",
+        help="where DECODE writes LUT weights: the tensor arena, or a separate alternate memory region",
     )
     r.add_argument(
         "--decode-budget",

@@ -32,6 +32,7 @@ class RunOptions:
     data: str | None = None
     epochs: int | None = None  # caps every training stage (smoke runs)
     board: str | None = None
+    decompress_to: str = "arena"  # or "alt": DECODE writes into the interpreter's alternate memory
     decode_budget: int | None = 16 * 1024  # bytes of decompressed weights per slice; None: no slicing
     quiet: bool = False
     stderr: object = None  # where progress goes (the CLI passes the real terminal)
@@ -282,6 +283,8 @@ def _validate(spec: PipelineSpec, opts: RunOptions):
     """Check every option before any work starts; returns (spec, target, method, board, out, progress)."""
     target = check_target(opts.target_bits if opts.target_bits is not None else spec.target_bits)
     method = opts.method or spec.method
+    if opts.decompress_to not in ("arena", "alt"):
+        raise EdgeqError(f"unknown --decompress-to {opts.decompress_to!r}; use arena or alt")
     if opts.storage not in export.STORAGES:
         raise EdgeqError(f"unknown --storage {opts.storage!r}; use one of {', '.join(export.STORAGES)}")
     board = None
@@ -327,7 +330,8 @@ def deploy_candidate(
     x, y, task = s.x_test, s.y_test, s.task
     bnn_quality = bayes.mc_evaluate(trained.bnn, x, y) if task == "classification" else None
     m_int8 = measure.measure_tflm(int8_model, x, y, task)
-    m_dep = measure.measure_tflm(cand.chosen.model, x, y, task)
+    alt = measure.alt_decompression_size(cand.chosen.model) if opts.decompress_to == "alt" else 0
+    m_dep = measure.measure_tflm(cand.chosen.model, x, y, task, alt_decompression=alt)
     m_unc = measure.measure_tflm(cand.uncompressed, x, y, task)
     lite_raw = measure.run_litert(cand.uncompressed, x, "BUILTIN_REF")
     lite_scores = measure.score(lite_raw, y, measure.output_quant(cand.uncompressed), task)

@@ -107,6 +107,22 @@ def agreement(a: np.ndarray, b: np.ndarray) -> Agreement:
     return Agreement(bool(same.all()), float(same.mean()), diff)
 
 
+def alt_decompression_size(model: bytes) -> int:
+    """Bytes of alternate decompression memory that hold the largest DECODE output (16-byte aligned).
+
+    Measured here: TFLM reuses that region for every DECODE; a smaller region makes it fall back to
+    the arena without a word, so it must fit the largest decoded tensor. 0 for models without DECODE.
+    """
+    from deploy.flatbuffer import describe
+    from deploy.inspect import op_sequence
+
+    info = describe(model)
+    sizes = [
+        int(np.prod(info.tensor(o[0]).shape)) for name, _, o in op_sequence(model) if name == "TFLM_DECODE"
+    ]
+    return (max(sizes) + 15) // 16 * 16 if sizes else 0
+
+
 def measure_tflm(
     model: bytes, x: np.ndarray, y: np.ndarray, task: str, *, alt_decompression: int = 0
 ) -> dict:
@@ -118,4 +134,6 @@ def measure_tflm(
         arena_bytes=arena_bytes(model, x[0], alt_decompression=alt_decompression),
         latency_tflm_us=tflm_latency_us(model, x[0]),
     )
+    if alt_decompression:
+        figures["alt_decompression_bytes"] = alt_decompression  # counted in arena_bytes too
     return {"figures": figures, "raw": raw}

@@ -190,6 +190,15 @@ def markdown(rep: dict) -> str:
         f"({100 * d['tflm_vs_litert_rows_identical']:.1f}% rows identical, max diff "
         f"{d['tflm_vs_litert_max_abs_diff']} LSB); latency {d['latency_litert_us']:.1f} us.",
         f"- Compressed vs uncompressed inside TFLM, bit-exact: {d['bit_exact_compressed_vs_uncompressed']}.",
+        *(
+            [
+                f"- DECODE writes into {d['alt_decompression_bytes']:,} B of alternate memory "
+                "(--decompress-to alt); "
+                f"the arena figure above includes it."
+            ]
+            if d.get("alt_decompression_bytes")
+            else []
+        ),
         "- Storage variants (flash bytes): " + ", ".join(f"{k} {v:,}" for k, v in d["variants"].items()),
     ]
     if "mc_accuracy" in m["bnn"]:

@@ -76,3 +76,19 @@ def test_bad_plans(tiny_keras):
         quantize_model(tiny_keras, BitPlan.from_bits({"fc1": 1}))
     with pytest.raises(export.ExportError, match="storage"):
         export.choose_storage(b"", "zip", np.zeros((1, 8, 8, 1)))
+
+
+def test_alt_decompression_memory_takes_the_decoded_weights(converted, digits):
+    from deploy.measure import alt_decompression_size
+    from deploy.tflm import arena_bytes
+
+    model, _ = converted
+    x, _ = digits
+    lut = export.lut_compress(model).model
+    alt = alt_decompression_size(lut)
+    assert alt >= 288 * 32  # the largest decoded weight tensor (fc1, int8)
+    in_arena = arena_bytes(lut)
+    total_with_alt = arena_bytes(lut, alt_decompression=alt)
+    assert total_with_alt - alt < in_arena  # the main arena no longer holds decoded weights
+    np.testing.assert_array_equal(run_tflm(lut, x[-50:], alt_decompression=alt), run_tflm(lut, x[-50:]))
+    assert alt_decompression_size(model) == 0
