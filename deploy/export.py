@@ -197,9 +197,17 @@ def verify_same_outputs(reference: bytes, candidate: bytes, x: np.ndarray, what:
 
 
 def choose_storage(
-    converted: bytes, storage: str, verify_x: np.ndarray, reference: bytes | None = None
+    converted: bytes,
+    storage: str,
+    verify_x: np.ndarray,
+    reference: bytes | None = None,
+    arena_limit: int | None = None,
 ) -> tuple[Storage, list[Storage]]:
-    """Build the storage variants asked for, verify each against reference (default: converted)."""
+    """Build the storage variants asked for, verify each against reference (default: converted).
+
+    The smallest flash wins; with arena_limit, the smallest flash among the variants whose TFLM arena
+    fits it (or the smallest arena when none does), since a LUT model's DECODE buffers cost RAM.
+    """
     if storage not in STORAGES:
         raise ExportError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
     reference = converted if reference is None else reference
@@ -214,5 +222,15 @@ def choose_storage(
     for v in variants:
         v.model = strip_names(v.model)
         verify_same_outputs(reference, v.model, verify_x, f"{v.kind} model")
-    chosen = min(variants, key=lambda s: len(s.model))
+    if arena_limit is not None and len(variants) > 1:
+        from deploy.tflm import arena_bytes
+
+        arenas = {id(v): arena_bytes(v.model) for v in variants}
+        fitting = [v for v in variants if arenas[id(v)] <= arena_limit]
+        if not fitting:
+            return min(variants, key=lambda v: arenas[id(v)]), variants
+        variants_to_rank = fitting
+    else:
+        variants_to_rank = variants
+    chosen = min(variants_to_rank, key=lambda s: len(s.model))
     return chosen, variants

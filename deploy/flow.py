@@ -32,6 +32,7 @@ class RunOptions:
     data: str | None = None
     epochs: int | None = None  # caps every training stage (smoke runs)
     board: str | None = None
+    arena_limit: int | None = None  # RAM a search allows the arena; --storage auto weighs flash against it
     decompress_to: str = "arena"  # or "alt": DECODE writes into the interpreter's alternate memory
     decode_budget: int | None = 16 * 1024  # bytes of decompressed weights per slice; None: no slicing
     quiet: bool = False
@@ -274,7 +275,11 @@ def make_candidate(
     uncompressed = export.convert(qat, s.x_train)
     sliced = slice_weights(uncompressed, opts.decode_budget) if opts.decode_budget else None
     chosen, variants = export.choose_storage(
-        sliced.model if sliced else uncompressed, opts.storage, s.x_test, reference=uncompressed
+        sliced.model if sliced else uncompressed,
+        opts.storage,
+        s.x_test,
+        reference=uncompressed,
+        arena_limit=opts.arena_limit,
     )
     return Candidate(method, target, plan, qat, uncompressed, chosen, variants, sliced, allocate_s)
 

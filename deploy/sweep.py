@@ -6,6 +6,7 @@ allocated, calibrated (no fine-tuning), exported and measured in TFLM; only the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ def sweep(
     trained: Trained | None = None,
 ) -> dict:
     """Train once (or reuse `trained`), measure each (method, target), QAT the finalists, deploy the best."""
+    opts = dataclasses.replace(opts, arena_limit=budget.ram)
     spec, _, _, board, out, progress = _validate(spec, opts)
     trained = trained or train(spec, opts, progress)
     progress.stage(

@@ -92,3 +92,20 @@ def test_alt_decompression_memory_takes_the_decoded_weights(converted, digits):
     assert total_with_alt - alt < in_arena  # the main arena no longer holds decoded weights
     np.testing.assert_array_equal(run_tflm(lut, x[-50:], alt_decompression=alt), run_tflm(lut, x[-50:]))
     assert alt_decompression_size(model) == 0
+
+
+def test_auto_storage_weighs_flash_against_an_arena_limit(converted, digits):
+    from deploy.tflm import arena_bytes
+
+    model, _ = converted
+    x, _ = digits
+    _, variants = export.choose_storage(model, "auto", x[-20:])
+    arenas = {v.kind: arena_bytes(v.model) for v in variants}
+    flashes = {v.kind: len(v.model) for v in variants}
+    smallest_arena = min(arenas, key=arenas.get)
+    limit = arenas[smallest_arena]
+    chosen, _ = export.choose_storage(model, "auto", x[-20:], arena_limit=limit)
+    fitting = [k for k in arenas if arenas[k] <= limit]
+    assert chosen.kind == min(fitting, key=flashes.get)
+    impossible, _ = export.choose_storage(model, "auto", x[-20:], arena_limit=1)
+    assert impossible.kind == smallest_arena
