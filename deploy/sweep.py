@@ -29,6 +29,7 @@ from edgeq.io import atomic_write_text
 
 DEFAULT_TARGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 FINALISTS = 2
+SCREEN_SAMPLES = 2000  # candidates are screened on this many test samples, finalists on the whole split
 
 
 class BudgetError(EdgeqError):
@@ -79,18 +80,23 @@ class Row:
     score: float  # TFLM accuracy, or -MAE for regression, so that higher is better
     fits: bool
     qat_epochs: int
+    test_samples: int = 0  # how many test samples the score was measured on
     chosen: bool = False
 
 
-def _score(cand: Candidate, trained: Trained) -> tuple[float, int, int]:
+def _score(cand: Candidate, trained: Trained, samples: int | None) -> tuple[float, int, int]:
     s = trained.splits
-    m = measure.measure_tflm(cand.chosen.model, s.x_test, s.y_test, s.task)["figures"]
+    x, y = s.x_test[:samples], s.y_test[:samples]
+    m = measure.measure_tflm(cand.chosen.model, x, y, s.task)["figures"]
     score = m["accuracy_tflm"] if "accuracy_tflm" in m else -m["mae_tflm"]
     return float(score), int(m["flash_bytes"]), int(m["arena_bytes"])
 
 
-def _row(cand: Candidate, trained: Trained, budget: Budget, qat_epochs: int) -> Row:
-    score, flash, arena = _score(cand, trained)
+def _row(
+    cand: Candidate, trained: Trained, budget: Budget, qat_epochs: int, samples: int | None = None
+) -> Row:
+    score, flash, arena = _score(cand, trained, samples)
+    n = len(trained.splits.x_test[:samples])
     return Row(
         cand.method,
         cand.target,
@@ -102,6 +108,7 @@ def _row(cand: Candidate, trained: Trained, budget: Budget, qat_epochs: int) -> 
         round(score, 4),
         budget.fits(flash, arena),
         qat_epochs,
+        n,
     )
 
 
@@ -147,7 +154,7 @@ def sweep(
             if key in seen:  # several targets can give the same plan
                 continue
             seen[key] = cand
-            rows.append(_row(cand, trained, budget, 0))
+            rows.append(_row(cand, trained, budget, 0, SCREEN_SAMPLES))
     fitting = [r for r in rows if r.fits]
     if not fitting:
         raise BudgetError(
