@@ -40,13 +40,19 @@ def _pareto(out: Path) -> list[dict]:
     return json.loads((out / "pareto.json").read_text())["candidates"]
 
 
-def test_tight_budget_picks_a_sub_4_bit_model_that_really_fits(setup, loose, tmp_path):
-    loose_out, _ = loose
-    rows = _pareto(loose_out)
+@pytest.fixture(scope="module")
+def tight(setup, loose, tmp_path_factory):
+    """A budget just below the smallest model of >= 4 mean bits: only sub-4-bit models fit."""
+    rows = _pareto(loose[0])
     flash_4 = min(r["flash_bytes"] for r in rows if r["mean_bits"] >= 4.0)
     budget = Budget(flash=flash_4 - 1, ram=64 * 1024)
     assert any(r["flash_bytes"] <= budget.flash for r in rows), "the sweep must reach below 4 bits"
-    rep = _sweep(setup, tmp_path, budget=budget)
+    out = tmp_path_factory.mktemp("tight")
+    return out, _sweep(setup, out, budget=budget), budget
+
+
+def test_tight_budget_picks_a_sub_4_bit_model_that_really_fits(tight):
+    tmp_path, rep, budget = tight
     dep = rep["models"]["deployed"]
     assert rep["plan"]["mean_bits"] < 4.0
     assert (tmp_path / "model.tflite").stat().st_size == dep["flash_bytes"] <= budget.flash
@@ -57,11 +63,10 @@ def test_tight_budget_picks_a_sub_4_bit_model_that_really_fits(setup, loose, tmp
     assert len(chosen) == 1 and chosen[0]["fits"]
 
 
-def test_looser_budget_picks_a_more_accurate_model(loose, tmp_path, setup):
+def test_looser_budget_picks_a_more_accurate_model(loose, tight):
     loose_out, loose_rep = loose
     rows = _pareto(loose_out)
-    flash_4 = min(r["flash_bytes"] for r in rows if r["mean_bits"] >= 4.0)
-    tight_rep = _sweep(setup, tmp_path, budget=Budget(flash=flash_4 - 1))
+    tight_rep = tight[1]
     assert (
         loose_rep["models"]["deployed"]["accuracy_tflm"] >= tight_rep["models"]["deployed"]["accuracy_tflm"]
     )
