@@ -29,10 +29,16 @@ class TensorQuant:
     zero_point: int
 
 
-def tflm_interpreter(model: bytes, *, arena_size: int = DEFAULT_ARENA, alt_decompression: int = 0):
+def host_arena_size(model: bytes) -> int:
+    """A host arena large enough for any edgeq model: INT4 or LUT weights unpack to <= ~2.7x their bytes."""
+    return DEFAULT_ARENA + 4 * len(model)
+
+
+def tflm_interpreter(model: bytes, *, arena_size: int | None = None, alt_decompression: int = 0):
     """A TFLM interpreter over model bytes; alt_decompression > 0 sends DECODE output there."""
     from tflite_micro.python.tflite_micro import runtime
 
+    arena_size = host_arena_size(model) if arena_size is None else arena_size
     try:
         return runtime.Interpreter.from_bytes(
             bytes(model), arena_size=arena_size, alt_decompression_memory_size=alt_decompression
