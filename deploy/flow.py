@@ -335,6 +335,7 @@ def deploy_candidate(
     x, y, task = s.x_test, s.y_test, s.task
     bnn_quality = bayes.mc_evaluate(trained.bnn, x, y) if task == "classification" else None
     m_int8 = measure.measure_tflm(int8_model, x, y, task)
+    m_int8["figures"]["latency_litert_us"] = round(measure.litert_latency_us(int8_model, x[0]), 2)
     alt = measure.alt_decompression_size(cand.chosen.model) if opts.decompress_to == "alt" else 0
     m_dep = measure.measure_tflm(cand.chosen.model, x, y, task, alt_decompression=alt)
     m_unc = measure.measure_tflm(cand.uncompressed, x, y, task)

@@ -98,7 +98,7 @@ def build(
                 ),
             },
             "qat_keras": {k: _r(v) for k, v in qat_scores.items()},
-            "int8": {"tflite": "model_int8.tflite", **int8["figures"], "latency_litert_us": None},
+            "int8": {"tflite": "model_int8.tflite", **int8["figures"]},
             "deployed": {
                 "tflite": "model.tflite",
                 "storage": chosen.kind,

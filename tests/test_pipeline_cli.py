@@ -78,6 +78,8 @@ def test_report_shape_and_claims(run_dir):
     assert dep["bit_exact_compressed_vs_uncompressed"] is True
     assert dep["flash_bytes"] == (run_dir / "model.tflite").stat().st_size < int8["flash_bytes"]
     assert int8["flash_bytes"] == (run_dir / "model_int8.tflite").stat().st_size
+    for key in ("accuracy_tflm", "arena_bytes", "latency_tflm_us", "latency_litert_us"):
+        assert isinstance(int8[key], float | int) and int8[key] > 0
     for k in ("float", "bnn"):
         assert 0.5 < models[k]["accuracy"] <= 1.0
     assert set(rep["artifacts"]) >= {"c_source", "c_header", "firmware", "test_data"}
