@@ -262,6 +262,9 @@ def make_candidate(
     t0 = time.perf_counter()
     plan = _allocate(method, trained.posteriors, target, spec, opts.seed)
     allocate_s = time.perf_counter() - t0
+    deterministic = sorted(set(trained.sizes) - {p.name for p in trained.posteriors})
+    if deterministic:  # TFP has no variational DepthwiseConv2D: those layers stay 8-bit, outside the plan
+        plan.meta["deterministic_layers_at_8_bits"] = deterministic
     if progress:
         progress.stage(
             "qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)"
