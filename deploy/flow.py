@@ -236,6 +236,8 @@ def fine_tune(qat, trained: Trained, spec: PipelineSpec, epochs: int) -> None:
     """
     import tf_keras as keras
 
+    from edgeq.optimize import bake_levels
+
     s = trained.splits
     if epochs > 0:
         qat.compile(keras.optimizers.Adam(spec.qat_lr), trained.loss, trained.metrics)
@@ -243,6 +245,7 @@ def fine_tune(qat, trained: Trained, spec: PipelineSpec, epochs: int) -> None:
     else:
         qat.compile(keras.optimizers.SGD(0.0), trained.loss, trained.metrics)
         qat.fit(s.x_train, s.y_train, epochs=1, batch_size=spec.batch_size, verbose=0)
+    bake_levels(qat)
 
 
 def make_candidate(

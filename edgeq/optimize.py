@@ -67,7 +67,10 @@ def quantize_model(model: keras.Model, plan: BitPlan, *, activation_bits: int = 
 
     def annotate(layer):
         if layer.name in plan.layers:
-            cfg = BitsQuantizeConfig(plan.layers[layer.name].bits, QUANTIZABLE[type(layer)], activation_bits)
+            lb = plan.layers[layer.name]
+            # Non-uniform plans keep their own levels through QAT; uniform ones use TF-MOT's b-bit grid.
+            levels = lb.levels if lb.quantizer != "uniform" and lb.levels else None
+            cfg = BitsQuantizeConfig(lb.bits, QUANTIZABLE[type(layer)], activation_bits, levels=levels)
             return qk.quantize_annotate_layer(layer, cfg)
         if registry.supports(layer):
             return qk.quantize_annotate_layer(layer)
@@ -77,6 +80,21 @@ def quantize_model(model: keras.Model, plan: BitPlan, *, activation_bits: int = 
     annotated.set_weights(model.get_weights())
     with qk.quantize_scope(custom_objects()):
         return qk.quantize_apply(annotated)
+
+
+def bake_levels(qat: keras.Model) -> keras.Model:
+    """Write each non-uniform layer's projected kernel into the kernel itself; call before conversion."""
+    from edgeq.quantize_config import LevelsQuantizer
+
+    for layer in qat.layers:
+        cfg = getattr(layer, "quantize_config", None)
+        if isinstance(cfg, BitsQuantizeConfig) and cfg.levels is not None:
+            # After quantize_apply, .kernel is the fake-quantized tensor; the variable is among the weights.
+            kernel = next(
+                w for w in layer.weights if w.name.split("/")[-1].startswith(("kernel", "depthwise"))
+            )
+            kernel.assign(LevelsQuantizer(cfg.levels, cfg.per_axis).project(kernel))
+    return qat
 
 
 def quantize_scope():

@@ -109,3 +109,28 @@ def test_auto_storage_weighs_flash_against_an_arena_limit(converted, digits):
     assert chosen.kind == min(fitting, key=flashes.get)
     impossible, _ = export.choose_storage(model, "auto", x[-20:], arena_limit=1)
     assert impossible.kind == smallest_arena
+
+
+def test_non_uniform_levels_survive_qat_and_reach_lut_bits(tiny_keras, digits):
+    import tf_keras as keras
+
+    from edgeq import bayes
+    from edgeq.allocate import quantile_inform
+    from edgeq.optimize import bake_levels, project_weights
+
+    x, y = digits
+    posts = bayes.posteriors(bayes.to_bayesian(tiny_keras, num_examples=1400, init_sigma=0.01))
+    plan = quantile_inform(posts, 4.0, min_bits=2, max_bits=6, quantizer="quantile")
+    assert all(lb.quantizer == "quantile" and lb.levels for lb in plan.layers.values())
+    qat = quantize_model(project_weights(tiny_keras, plan), plan)
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x[:512], y[:512], epochs=1, verbose=0)
+    tflite = export.convert(bake_levels(qat), x[:100])
+    lut = export.lut_compress(tflite)
+    by_size = {int(np.prod(t.shape)): t for t in lut.tensors}
+    for name, lb in plan.layers.items():
+        t = by_size[int(np.prod(tiny_keras.get_layer(name).get_weights()[0].shape))]
+        values = len(lb.levels)
+        assert t.distinct <= values <= 2**lb.bits  # the quantile levels, not a uniform grid, were kept
+        assert t.lut_bits <= lb.bits
+    np.testing.assert_array_equal(run_tflm(lut.model, x[-60:]), run_tflm(tflite, x[-60:]))
