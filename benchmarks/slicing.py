@@ -60,8 +60,8 @@ def latency_ms(model: bytes, sample: np.ndarray, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def train(x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int):
-    """Float LeNet-5, then 4-bit QAT on every weight layer; returns (qat model, bits, sizes, seconds)."""
+def train(x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int, weight_bits: int = 4):
+    """Float LeNet-5, then uniform QAT on every weight layer; returns (qat model, bits, sizes, seconds)."""
     import tensorflow as tf
     import tf_keras as keras
 
@@ -76,7 +76,7 @@ def train(x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int):
     model.compile("adam", loss, ["accuracy"])
     model.fit(x, y, epochs=epochs, batch_size=128, verbose=0)
     sizes = weight_layers(model)
-    bits = {name: 4 for name in sizes}
+    bits = {name: weight_bits for name in sizes}
     qat = quantize_model(model, BitPlan.from_bits(bits))
     qat.compile(keras.optimizers.Adam(1e-4), loss, ["accuracy"])
     qat.fit(x[:qat_samples], y[:qat_samples], epochs=qat_epochs, batch_size=128, verbose=0)
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-samples", type=int, default=None, help="TFLM accuracy on this many test images")
     ap.add_argument("--latency-runs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bits", type=int, default=4, help="weight bits of every layer (default 4)")
+    ap.add_argument("--board", default=None, help="also check the fit on a board profile, e.g. nrf52832")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     budget = slicing.parse_budget(args.budget)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     xt, yt = x_test[:test_n], y_test[:test_n]
 
     qat, bits, sizes, train_s = train(
-        x_train, y_train, epochs=1, qat_epochs=1, qat_samples=qat_n, seed=args.seed
+        x_train, y_train, epochs=1, qat_epochs=1, qat_samples=qat_n, seed=args.seed, weight_bits=args.bits
     )
     mean_bits = sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values())
     converted = export.convert(qat, x_train[:200])  # INT4 weight tensors
@@ -243,9 +245,22 @@ def main(argv: list[str] | None = None) -> int:
         "concat_max_fan_in": slicing.max_concat_fan_in(res.model),
     }
     out = Path(args.out)
-    stem = "slicing_quick" if args.quick else "slicing"
+    if args.board:
+        from deploy.boards import fit_check, load_board
+
+        board = load_board(args.board)
+        result["board"] = {
+            v: fit_check(board, r["flash_bytes"], r["arena_bytes"]).message
+            for v, r in ((row["variant"], row) for row in result["variants"])
+        }
+        for v, msg in result["board"].items():
+            print(f"{args.board}: {v}: {msg}")
+    stem = ("slicing_quick" if args.quick else "slicing") + (f"_{args.bits}bit" if args.bits != 4 else "")
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
-    atomic_write_text(out / f"{stem}.md", render(result))
+    board_md = "".join(f"\n- {args.board}, {v}: {m}" for v, m in result.get("board", {}).items())
+    atomic_write_text(
+        out / f"{stem}.md", render(result) + (f"\n## Board fit{board_md}\n" if board_md else "")
+    )
     print(f"wrote {out / stem}.md/.json")
     return 0 if all(t["pass"] for t in targets if "(info)" not in t["target"]) and not decode_problems else 1
 
