@@ -269,7 +269,7 @@ def render(r: dict) -> str:
     """The results as Markdown."""
     m = r["machine"]
     lines = [
-        "# Output-channel slicing: LeNet-5, MNIST, 4-bit QAT",
+        f"# Output-channel slicing: LeNet-5, MNIST, {max(r['plan_bits'].values())}-bit QAT",
         "",
         f"- command: `{r['command']}`",
         f"- commit: `{r['commit']}`; machine: {m['cpu']}, nproc {m['nproc']}, Python {m['python']}",
