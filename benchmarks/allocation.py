@@ -19,7 +19,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from provenance import commit, cpu_model  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 from edgeq.allocate import quantile_inform, random_bits  # noqa: E402
 from edgeq.io import atomic_write_text  # noqa: E402
@@ -48,30 +49,6 @@ def lenet5_posteriors(seed: int = 0) -> list[LayerPosterior]:
         sigma = np.exp(rng.normal(np.log(0.02) + shift, 0.3, n))
         posts.append(LayerPosterior(name, mu, sigma))
     return posts
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *MODULES],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-    return f"{head} + uncommitted changes to the benchmarked modules" if dirty else head
 
 
 def _time(fn, runs: int) -> tuple[float, list[float], object]:
@@ -115,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Allocation benchmark",
         "",
         f"- command: `python benchmarks/allocation.py --runs {args.runs} --target {args.target}`",
-        f"- commit: {_commit()}",
-        f"- machine: {platform.platform()}; CPU {_cpu()}; nproc {os.cpu_count()}, used {cores} cores",
+        f"- commit: {commit(MODULES)}",
+        f"- machine: {platform.platform()}; CPU {cpu_model()}; nproc {os.cpu_count()}, used {cores} cores",
         f"- python {platform.python_version()}, numpy {np.__version__}",
         f"- posteriors: LeNet-5 shapes {', '.join(f'{n} {s:,}' for n, s in LAYERS)} weights "
         "(mu ~ N(0, 0.05), sigma lognormal around 0.02, seed 0)",

@@ -22,8 +22,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from provenance import commit, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import export, measure  # noqa: E402
@@ -110,42 +110,6 @@ class Stages:
             f"[bold cyan][{self.i}/{self.total}][/] {what}  [dim]({time.perf_counter() - self.t0:.0f} s)[/]",
             highlight=False,
         )
-
-
-def machine() -> dict:
-    """CPU model, core count and platform of this machine."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-    }
-
-
-def commit() -> str:
-    """Short HEAD, plus '+uncommitted' when benchmarks/, edgeq/ or deploy/ have changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *MODULES],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head}+uncommitted" if dirty else head
 
 
 def _subset(splits: Splits, n_train: int | None, n_test: int | None) -> Splits:

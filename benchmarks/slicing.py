@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,26 +22,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import commit, cpu_model  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import export, slicing  # noqa: E402
 from deploy.tflm import arena_bytes, io_quant, quantize_input, run_tflm, tflm_interpreter  # noqa: E402
 from edgeq.io import atomic_write_text  # noqa: E402
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def latency_ms(model: bytes, sample: np.ndarray, runs: int) -> float:
@@ -217,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/slicing.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
         "command": cmd.strip(),
-        "commit": _commit(),
+        "commit": commit(),
         "machine": {
-            "cpu": _cpu(),
+            "cpu": cpu_model(),
             "nproc": __import__("os").cpu_count(),
             "python": platform.python_version(),
         },
