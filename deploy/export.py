@@ -40,6 +40,16 @@ def convert(model, representative: np.ndarray, *, samples: int = 200) -> bytes:
         raise ExportError(f"TFLite conversion failed: {str(e).splitlines()[0]}") from e
 
 
+def convert_float(model) -> bytes:
+    """The float32 TFLite flatbuffer (no optimisation): the reference size for flash comparisons."""
+    import tensorflow as tf
+
+    try:
+        return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    except Exception as e:  # noqa: BLE001  (the converter raises many types)
+        raise ExportError(f"float TFLite conversion failed: {str(e).splitlines()[0]}") from e
+
+
 @dataclass(frozen=True)
 class WeightTensor:
     """One constant weight tensor of a conv/dense operator as stored in the flatbuffer."""

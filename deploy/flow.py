@@ -338,6 +338,7 @@ def deploy_candidate(
     progress.stage("measure", "measuring the int8 baseline and the deployed model in TFLM and LiteRT")
     s = trained.splits
     int8_model = export.convert(trained.float_model, s.x_train)
+    float_flash = len(export.convert_float(trained.float_model))
     x, y, task = s.x_test, s.y_test, s.task
     bnn_quality = bayes.mc_evaluate(trained.bnn, x, y) if task == "classification" else None
     m_int8 = measure.measure_tflm(int8_model, x, y, task)
@@ -375,7 +376,7 @@ def deploy_candidate(
             plan=cand.plan,
             sizes=trained.sizes,
             info=layer_informativeness(trained.posteriors),
-            float_scores=_keras_score(trained.float_model, x, y, task),
+            float_scores={**_keras_score(trained.float_model, x, y, task), "flash_bytes": float_flash},
             det_scores=_keras_score(trained.det, x, y, task),
             qat_scores=_keras_score(cand.qat, x, y, task),
             bnn_quality=bnn_quality,

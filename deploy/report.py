@@ -84,7 +84,7 @@ def build(
             "allocation_seconds": _r(allocate_s, 4),
         },
         "models": {
-            "float": {**{k: _r(v) for k, v in float_scores.items()}},
+            "float": {k: v if k == "flash_bytes" else _r(v) for k, v in float_scores.items()},
             "bnn": {
                 **{k: _r(v) for k, v in det_scores.items()},
                 **(
@@ -172,7 +172,7 @@ def markdown(rep: dict) -> str:
         "",
         f"| model | {key} (Keras) | {key} (TFLM) | flash bytes | arena bytes | TFLM latency (us) |",
         "|---|---|---|---|---|---|",
-        f"| float | {fmt(m['float'][key])} | | | | |",
+        f"| float | {fmt(m['float'][key])} | | {m['float']['flash_bytes']:,} | | |",
         f"| Bayesian twin, mean weights | {fmt(m['bnn'][key])} | | | | |",
         f"| QAT (Keras, fake-quant) | {fmt(m['qat_keras'][key])} | | | | |",
         f"| int8 (PTQ of float) | | {fmt(i8[key + '_tflm'])} | {i8['flash_bytes']:,} | {i8['arena_bytes']:,} "
@@ -261,14 +261,15 @@ def plots(folder: Path, rep: dict) -> None:
     _save(fig, folder / "bits_per_layer.png")
     d = rep["models"]["deployed"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    labels = ["int8", "uncompressed", "deployed", "packing limit"]
+    labels = ["float", "int8", "uncompressed", "deployed", "packing limit"]
     vals = [
+        rep["models"]["float"]["flash_bytes"],
         rep["models"]["int8"]["flash_bytes"],
         d["uncompressed_flash_bytes"],
         d["flash_bytes"],
         d["packing_limit_bytes"],
     ]
-    ax.bar(labels, vals, color=["gray", "tab:purple", "tab:green", "tab:red"])
+    ax.bar(labels, vals, color=["silver", "gray", "tab:purple", "tab:green", "tab:red"])
     ax.set_ylabel("bytes")
     ax.set_title("flash bytes")
     fig.tight_layout()
