@@ -86,6 +86,7 @@ def _search(args: argparse.Namespace, spec, opts) -> dict:
         methods=methods,
         budget=budget_for(board, flash, ram),
         max_accuracy_drop=args.max_accuracy_drop,
+        workers=args.workers,
     )
 
 
@@ -165,6 +166,12 @@ def parser() -> argparse.ArgumentParser:
         "--sweep-targets",
         default="2,2.5,3,3.5,4,5,6,8",
         help="comma-separated mean-bit targets a search tries (default 2,2.5,3,3.5,4,5,6,8)",
+    )
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes that export and measure a search's candidates in parallel (default 2; 1: none)",
     )
     r.add_argument(
         "--sweep-methods", default="qiu,rb", help="comma-separated allocation methods a search tries (qiu,rb)"

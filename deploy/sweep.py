@@ -19,6 +19,7 @@ from deploy.flow import (
     PipelineSpec,
     RunOptions,
     Trained,
+    _allocate,
     _validate,
     deploy_candidate,
     make_candidate,
@@ -138,6 +139,7 @@ def sweep(
     budget: Budget = Budget(),
     max_accuracy_drop: float | None = None,
     trained: Trained | None = None,
+    workers: int = 2,
 ) -> dict:
     """Train once (or reuse `trained`), measure each (method, target), QAT the finalists, deploy the best."""
     opts = dataclasses.replace(opts, arena_limit=budget.ram)
@@ -146,15 +148,13 @@ def sweep(
     progress.stage(
         "allocate", f"sweeping {len(targets)} targets x {len(methods)} methods (calibrated, no QAT)"
     )
-    rows, seen = [], {}
+    # Allocation is cheap and decides which (method, target) pairs are distinct plans.
+    jobs = {}
     for method in methods:
         for target in targets:
-            cand = make_candidate(trained, spec, opts, method, target, qat_epochs=0)
-            key = tuple(sorted(cand.plan.bits.items())) + (method,)
-            if key in seen:  # several targets can give the same plan
-                continue
-            seen[key] = cand
-            rows.append(_row(cand, trained, budget, 0, SCREEN_SAMPLES))
+            plan = _allocate(method, trained.posteriors, target, spec, opts.seed)
+            jobs.setdefault(tuple(sorted(plan.bits.items())) + (method,), (method, target))
+    rows = _screen(list(jobs.values()), trained, spec, opts, budget, workers)
     fitting = [r for r in rows if r.fits]
     if not fitting:
         raise BudgetError(
@@ -182,9 +182,8 @@ def sweep(
             f"of the float model ({100 * base:.2f}%); allow a larger drop or a larger budget"
         )
     best.chosen = True
-    chosen = (
-        next((c for f, c in finals if f is best), None)
-        or seen[tuple(sorted(best.bits.items())) + (best.method,)]
+    chosen = next((c for f, c in finals if f is best), None) or make_candidate(
+        trained, spec, opts, best.method, best.target, qat_epochs=0
     )
     all_rows = rows + [f for f, _ in finals]
     why = (
@@ -209,6 +208,64 @@ def sweep(
     write_pareto(Path(out), all_rows, budget, why, spec.name)
     _append_why(Path(out) / "report.md", why, all_rows)
     return rep
+
+
+def _screen(jobs, trained: Trained, spec: PipelineSpec, opts: RunOptions, budget: Budget, workers: int):
+    """Calibrate, export and measure every job; in `workers` spawned processes when workers > 1."""
+    if workers <= 1 or len(jobs) < 2:
+        return [
+            _row(make_candidate(trained, spec, opts, m, t, qat_epochs=0), trained, budget, 0, SCREEN_SAMPLES)
+            for m, t in jobs
+        ]
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-sweep-") as tmp:
+        state = Path(tmp)
+        trained.det.save(state / "det.keras")
+        s = trained.splits
+        np.savez(state / "splits.npz", **{k: getattr(s, k) for k in _SPLIT_KEYS})
+        # The spec's callables (model builder, data loader) live in the pipeline script, which a
+        # spawned process cannot import by name; candidates need neither.
+        light_spec = dataclasses.replace(spec, build_model=None, load_data=None)
+        light_opts = dataclasses.replace(opts, stderr=None)
+        (state / "state.pkl").write_bytes(
+            pickle.dumps((trained.posteriors, trained.sizes, s.task, light_spec, light_opts, budget))
+        )
+        ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            return list(pool.map(_screen_one, [(str(state), m, t) for m, t in jobs]))
+
+
+_SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+_WORKER_STATE: dict = {}
+
+
+def _screen_one(job) -> Row:
+    """Worker: rebuild Trained from the state folder once per process, then screen one candidate."""
+    state, method, target = job
+    if _WORKER_STATE.get("dir") != state:
+        import pickle
+
+        import tensorflow as tf
+        import tf_keras as keras
+
+        from deploy.flow import _loss_and_metrics
+        from edgeq.data import Splits
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)  # one core per worker
+        posts, sizes, task, spec, opts, budget = pickle.loads((Path(state) / "state.pkl").read_bytes())
+        with np.load(Path(state) / "splits.npz") as f:
+            splits = Splits(*(f[k] for k in _SPLIT_KEYS), task=task)
+        det = keras.models.load_model(Path(state) / "det.keras", compile=False)
+        loss, metrics = _loss_and_metrics(task)
+        trained = Trained(splits, None, None, det, posts, sizes, loss, metrics)
+        _WORKER_STATE.update(dir=state, trained=trained, spec=spec, opts=opts, budget=budget)
+    w = _WORKER_STATE
+    cand = make_candidate(w["trained"], w["spec"], w["opts"], method, target, qat_epochs=0)
+    return _row(cand, w["trained"], w["budget"], 0, SCREEN_SAMPLES)
 
 
 def _append_why(path: Path, why: str, rows: list[Row]) -> None:
