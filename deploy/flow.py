@@ -118,7 +118,8 @@ def _keras_score(model, x, y, task: str) -> dict[str, float]:
     return {"accuracy": float(np.mean(pred.argmax(1) == y))}
 
 
-def _allocate(method: str, posts, target: float, spec: PipelineSpec, seed: int):
+def allocate_plan(method: str, posts, target: float, spec: PipelineSpec, seed: int):
+    """The BitPlan of one allocation method (qiu, qinu, rb, uniform) at one target."""
     from edgeq import allocate
 
     pin = dict(spec.pin) or None
@@ -263,7 +264,7 @@ def make_candidate(
     if progress:
         progress.stage("allocate", f"allocating bits ({method}, target {target:g} mean bits)")
     t0 = time.perf_counter()
-    plan = _allocate(method, trained.posteriors, target, spec, opts.seed)
+    plan = allocate_plan(method, trained.posteriors, target, spec, opts.seed)
     allocate_s = time.perf_counter() - t0
     deterministic = sorted(set(trained.sizes) - {p.name for p in trained.posteriors})
     if deterministic:  # TFP has no variational DepthwiseConv2D: those layers stay 8-bit, outside the plan

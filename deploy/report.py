@@ -56,7 +56,6 @@ def build(
         }
         for n in plan.layers
     ]
-    tensors = {t.name: t for t in chosen.tensors}
     storage_rows = []
     for t in chosen.tensors:
         bits = t.lut_bits if t.lut_bits else (4 if t.stored_type == "INT4" else 8)
@@ -71,7 +70,6 @@ def build(
                 "stored_bytes_est": int(np.ceil(np.prod(t.shape) * bits / 8)),
             }
         )
-    del tensors
     dep_fig = deployed["figures"]
     rep = {
         "pipeline": spec.name,

@@ -19,8 +19,8 @@ from deploy.flow import (
     PipelineSpec,
     RunOptions,
     Trained,
-    _allocate,
     _validate,
+    allocate_plan,
     deploy_candidate,
     make_candidate,
     train,
@@ -152,7 +152,7 @@ def sweep(
     jobs = {}
     for method in methods:
         for target in targets:
-            plan = _allocate(method, trained.posteriors, target, spec, opts.seed)
+            plan = allocate_plan(method, trained.posteriors, target, spec, opts.seed)
             jobs.setdefault(tuple(sorted(plan.bits.items())) + (method,), (method, target))
     rows = _screen(list(jobs.values()), trained, spec, opts, budget, workers)
     fitting = [r for r in rows if r.fits]
