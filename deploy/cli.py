@@ -255,5 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def run_script(path: str) -> int:
+    """`python pipelines/NAME.py [options]` is `edgeq run pipelines/NAME.py [options]`."""
+    return main(["run", path, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

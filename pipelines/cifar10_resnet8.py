@@ -25,8 +25,6 @@ PIPELINE = PipelineSpec(
 )
 
 if __name__ == "__main__":
-    import sys
+    from deploy.cli import run_script
 
-    from deploy.cli import main
-
-    sys.exit(main(["run", __file__, *sys.argv[1:]]))
+    raise SystemExit(run_script(__file__))
