@@ -24,12 +24,11 @@ def check_target(bits: float) -> float:
 
 def _run(args: argparse.Namespace) -> int:
     from deploy.flow import RunOptions, run
-    from deploy.slicing import parse_budget
     from edgeq.pipeline import load_pipeline
 
     if args.target_bits is not None:
         check_target(args.target_bits)
-    budget = None if args.decode_budget.lower() == "none" else parse_budget(args.decode_budget)
+    budget = decode_budget(args.decode_budget, args.board)
     spec = load_pipeline(args.pipeline)
     opts = RunOptions(
         out=Path(args.out),
@@ -60,9 +59,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_DECODE_BUDGET = 16 * 1024
+
+
+def decode_budget(text: str | None, board_name: str | None) -> int | None:
+    """--decode-budget: 'none' disables slicing; unset, a quarter of the board's free RAM (at most 16 KiB)."""
+    from deploy.slicing import parse_budget
+
+    if text is not None:
+        return None if text.lower() == "none" else parse_budget(text)
+    if board_name is None:
+        return DEFAULT_DECODE_BUDGET
+    from deploy.boards import load_board
+
+    board = load_board(board_name)
+    # The arena also holds activations and TFLM's own structures: a quarter of the RAM left after the
+    # stack allowance for the one decompressed slice, whole KiB, never above the 16 KiB default.
+    free = board.ram_bytes - board.stack_allowance_bytes
+    return max(1024, min(DEFAULT_DECODE_BUDGET, free // 4 // 1024 * 1024))
+
+
 def _search(args: argparse.Namespace, spec, opts) -> dict:
     """The budget-driven search of deploy.sweep, with the command line's budgets and targets."""
-    from deploy.slicing import parse_budget
+    from deploy.boards import parse_size
     from deploy.sweep import budget_for, sweep
 
     board = None
@@ -70,8 +89,8 @@ def _search(args: argparse.Namespace, spec, opts) -> dict:
         from deploy.boards import load_board
 
         board = load_board(args.board)
-    flash = parse_budget(args.flash_budget) if args.flash_budget else None
-    ram = parse_budget(args.ram_budget) if args.ram_budget else None
+    flash = parse_size(args.flash_budget) if args.flash_budget else None
+    ram = parse_size(args.ram_budget) if args.ram_budget else None
     try:
         targets = tuple(float(t) for t in args.sweep_targets.split(","))
     except ValueError as e:
@@ -144,8 +163,9 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--decode-budget",
-        default="16KiB",
-        help="split weight tensors larger than this when decompressed (16KiB, 90000B; none: never)",
+        default=None,
+        help="split weight tensors larger than this when decompressed (default 16KiB, with --board a quarter "
+        "of its free RAM up to 16KiB; 'none': never)",
     )
     r.add_argument(
         "--board",

@@ -110,3 +110,14 @@ def test_fit_check_at_the_exact_limit_fits():
 def test_fit_check_rejects_negative_sizes():
     with pytest.raises(BoardError):
         fit_check(load_board("esp32s3"), -1, 0)
+
+
+def test_decode_budget_defaults_from_the_board():
+    from deploy.cli import DEFAULT_DECODE_BUDGET, decode_budget
+
+    assert decode_budget(None, None) == DEFAULT_DECODE_BUDGET == 16 * 1024
+    assert decode_budget("none", "nrf52832") is None
+    assert decode_budget("8KiB", "nrf52840") == 8 * 1024
+    small = load_board("nrf52832")  # 64 KiB RAM less a 16 KiB allowance: a quarter is 12 KiB
+    assert decode_budget(None, "nrf52832") == (small.ram_bytes - small.stack_allowance_bytes) // 4 == 12 * 1024
+    assert decode_budget(None, "nrf52840") == 16 * 1024  # capped at the default
