@@ -60,9 +60,63 @@ def project_weights(model: keras.Model, plan: BitPlan) -> keras.Model:
     return out
 
 
+def fold_batchnorm(model: keras.Model, skip: set[str] | frozenset[str] = frozenset()) -> keras.Model:
+    """A copy with every BatchNormalization folded into the Conv2D/Dense before it (BN becomes Identity).
+
+    TF-MOT folds BN only for layers carrying its own default config; with edgeq's per-layer configs the
+    converter would keep BN as MUL/ADD after each conv. Folding in Keras first (frozen BN statistics,
+    w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta) gives plain
+    convolutions whose folded weights are what QAT then quantizes. Layers in `skip` keep their BN.
+    """
+    pairs: dict[str, str] = {}  # BN name -> the layer folded into
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        src = layer._inbound_nodes[0].inbound_layers
+        if (
+            isinstance(src, (keras.layers.Conv2D, keras.layers.Dense))
+            and not isinstance(src, keras.layers.DepthwiseConv2D)
+            and src.name not in skip
+            and len(src._outbound_nodes) == 1
+            and src.get_config().get("activation") in ("linear", None)
+        ):
+            pairs[layer.name] = src.name
+    if not pairs:
+        return model
+    folded_into = {conv: bn for bn, conv in pairs.items()}
+
+    def clone(layer):
+        if layer.name in pairs:
+            return keras.layers.Identity(name=layer.name)
+        cfg = layer.get_config()
+        if layer.name in folded_into:
+            cfg["use_bias"] = True
+        return layer.__class__.from_config(cfg)
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    for layer in out.layers:
+        src = model.get_layer(layer.name)
+        if layer.name in pairs or not src.weights:
+            continue
+        weights = src.get_weights()
+        if layer.name in folded_into:
+            bn = model.get_layer(folded_into[layer.name])
+            gamma, beta, mean, var = bn.get_weights()
+            scale = gamma / np.sqrt(var + bn.epsilon)
+            bias = weights[1] if len(weights) > 1 else np.zeros_like(mean)
+            weights = [weights[0] * scale, (bias - mean) * scale + beta]
+        layer.set_weights(weights)
+    return out
+
+
 def quantize_model(model: keras.Model, plan: BitPlan, *, activation_bits: int = 8) -> keras.Model:
-    """QAT model: planned layers get their plan's bits, other supported layers TF-MOT's default 8 bits."""
+    """QAT model: planned layers get their plan's bits, other supported layers TF-MOT's default 8 bits.
+
+    BatchNormalization after a planned conv/dense is folded into it first (see fold_batchnorm).
+    """
     check_plan(model, plan)
+    non_uniform = {n for n, lb in plan.layers.items() if lb.quantizer != "uniform" and lb.levels}
+    model = fold_batchnorm(model, skip=non_uniform)  # levels were fitted to the unfolded weights
     registry = qk.default_8bit.Default8BitQuantizeRegistry()
 
     def annotate(layer):

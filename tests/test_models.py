@@ -124,11 +124,6 @@ def test_resnet8_uniform_4bit_qat_exports_int4():
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgeq's BitsQuantizeConfig fake-quantizes each conv's output before its BatchNormalization, "
-    "so TF-MOT's conv+BN fold does not apply and the converter keeps BN as int8 MUL/ADD after each conv",
-)
 def test_resnet8_qat_folds_batchnorm_into_its_convs():
     import tf_keras as keras
 

@@ -134,3 +134,38 @@ def test_non_uniform_levels_survive_qat_and_reach_lut_bits(tiny_keras, digits):
         assert t.distinct <= values <= 2**lb.bits  # the quantile levels, not a uniform grid, were kept
         assert t.lut_bits <= lb.bits
     np.testing.assert_array_equal(run_tflm(lut.model, x[-60:]), run_tflm(tflite, x[-60:]))
+
+
+def test_fold_batchnorm_is_exact_and_removes_bn(digits):
+    import tf_keras as keras
+
+    from edgeq.optimize import fold_batchnorm
+
+    x, _ = digits
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.layers.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, use_bias=False, name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.ReLU(name="relu"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(10, name="fc"),
+        ]
+    )
+    gamma, beta, mean, var = model.get_layer("bn").get_weights()
+    rng = np.random.default_rng(0)
+    model.get_layer("bn").set_weights([gamma * 1.7, beta + 0.3, mean + rng.normal(0, 0.2, 8), var * 2.5])
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(lyr, keras.layers.BatchNormalization) for lyr in folded.layers)
+    assert folded.get_layer("conv").use_bias
+    np.testing.assert_allclose(folded.predict(x[:64], verbose=0), model.predict(x[:64], verbose=0), atol=1e-5)
+    # a BN after a layer with its own activation cannot be folded and stays
+    relu_first = keras.Sequential(
+        [
+            keras.layers.Input((4,)),
+            keras.layers.Dense(3, activation="relu"),
+            keras.layers.BatchNormalization(),
+        ]
+    )
+    assert fold_batchnorm(relu_first) is relu_first
