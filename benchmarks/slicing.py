@@ -26,6 +26,7 @@ from provenance import commit, cpu_model  # noqa: E402  (benchmarks/ is on sys.p
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import export, slicing  # noqa: E402
+from deploy.flow import packing_limit  # noqa: E402
 from deploy.tflm import arena_bytes, io_quant, quantize_input, run_tflm, tflm_interpreter  # noqa: E402
 from edgeq.io import atomic_write_text  # noqa: E402
 
@@ -66,18 +67,6 @@ def train(x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int, we
     qat.compile(keras.optimizers.Adam(1e-4), loss, ["accuracy"])
     qat.fit(x[:qat_samples], y[:qat_samples], epochs=qat_epochs, batch_size=128, verbose=0)
     return qat, bits, sizes, time.time() - t0
-
-
-def packing_limit(model, bits: dict[str, int]) -> int:
-    """sum ceil(params * bits / 8) + 4 bytes per int32 bias."""
-    total = 0
-    for layer in model.layers:
-        inner = getattr(layer, "layer", layer)  # QAT wraps layers
-        if inner.name in bits:
-            kernel = inner.depthwise_kernel if hasattr(inner, "depthwise_kernel") else inner.kernel
-            total += int(np.ceil(int(np.prod(kernel.shape)) * bits[inner.name] / 8))
-            total += 4 * int(inner.bias.shape[0]) if getattr(inner, "bias", None) is not None else 0
-    return total
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,16 +140,21 @@ def allocate_plan(method: str, posts, target: float, spec: PipelineSpec, seed: i
 
 
 def packing_limit(model, plan_bits: dict[str, int]) -> int:
-    """sum_j ceil(|l_j| b_j / 8) + 4 bytes per int32 bias, over the model's weight layers."""
+    """sum_j ceil(|l_j| b_j / 8) + 4 bytes per int32 bias, over the weight layers (unplanned ones at 8 bits).
+
+    Works on plain models and on TF-MOT QAT models, whose wrappers hold the original layer in `.layer`.
+    """
     from edgeq.optimize import QUANTIZABLE
 
     total = 0
     for layer in model.layers:
-        if type(layer) not in QUANTIZABLE:
+        inner = getattr(layer, "layer", layer)
+        if type(inner) not in QUANTIZABLE:
             continue
-        kernel, *rest = layer.get_weights()
-        total += int(np.ceil(kernel.size * plan_bits.get(layer.name, 8) / 8))
-        total += 4 * int(rest[0].size if rest else 0)
+        kernel = inner.depthwise_kernel if hasattr(inner, "depthwise_kernel") else inner.kernel
+        total += int(np.ceil(int(np.prod(kernel.shape)) * plan_bits.get(inner.name, 8) / 8))
+        bias = getattr(inner, "bias", None)
+        total += 4 * int(bias.shape[0]) if bias is not None else 0
     return total
 
 
