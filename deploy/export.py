@@ -23,11 +23,25 @@ class ExportError(EdgeqError):
     """Conversion or compression failed, or the compressed model computes something else."""
 
 
+def _converter(model):
+    """A TFLiteConverter over the model traced at batch 1 (inference mode).
+
+    A microcontroller runs one sample at a time; a static batch lets the converter fold shape
+    arithmetic, so Keras Reshape layers become one RESHAPE with a constant shape (from_keras_model
+    leaves SHAPE/STRIDED_SLICE/PACK ops for the dynamic batch).
+    """
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec([1, *t.shape[1:]], t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
+    fn = tf.function(lambda *x: model(list(x) if len(x) > 1 else x[0], training=False))
+    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function(*specs)], model)
+
+
 def convert(model, representative: np.ndarray, *, samples: int = 200) -> bytes:
     """Full-integer TFLite flatbuffer (int8 in/out); QAT models keep their per-layer bit widths."""
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     rep = np.asarray(representative[:samples], dtype=np.float32)
     conv.representative_dataset = lambda: ([rep[i : i + 1]] for i in range(len(rep)))
@@ -42,10 +56,8 @@ def convert(model, representative: np.ndarray, *, samples: int = 200) -> bytes:
 
 def convert_float(model) -> bytes:
     """The float32 TFLite flatbuffer (no optimisation): the reference size for flash comparisons."""
-    import tensorflow as tf
-
     try:
-        return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        return bytes(_converter(model).convert())
     except Exception as e:  # noqa: BLE001  (the converter raises many types)
         raise ExportError(f"float TFLite conversion failed: {str(e).splitlines()[0]}") from e
 

@@ -107,6 +107,35 @@ def agreement(a: np.ndarray, b: np.ndarray) -> Agreement:
     return Agreement(bool(same.all()), float(same.mean()), diff)
 
 
+@dataclass(frozen=True)
+class LiteRTCheck:
+    """LiteRT with one op resolver: its score, its agreement with TFLM's raw outputs, its latency."""
+
+    resolver: str
+    scores: dict[str, float]
+    vs_tflm: Agreement
+    latency_us: float
+
+
+def check_litert(
+    model: bytes, x: np.ndarray, y: np.ndarray, task: str, tflm_raw: np.ndarray
+) -> list[LiteRTCheck]:
+    """LiteRT's reference and optimized (no delegate) resolvers, each held against TFLM's outputs."""
+    out_q = output_quant(model)
+    checks = []
+    for resolver in LITERT_RESOLVERS:
+        raw = run_litert(model, x, resolver)
+        checks.append(
+            LiteRTCheck(
+                resolver,
+                score(raw, y, out_q, task),
+                agreement(tflm_raw, raw),
+                litert_latency_us(model, x[0], resolver),
+            )
+        )
+    return checks
+
+
 def alt_decompression_size(model: bytes) -> int:
     """Bytes of alternate decompression memory that hold the largest DECODE output (16-byte aligned).
 

@@ -55,7 +55,7 @@ class KeepMasks(keras.callbacks.Callback):
         self._vars = []
         for name, mask in self.masks.items():
             var = _find_kernel(self.model, name, mask.shape)
-            self._vars.append((var, mask))
+            self._vars.append((var, mask.reshape(var.shape)))
         self._apply()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -67,13 +67,16 @@ class KeepMasks(keras.callbacks.Callback):
 
 
 def _find_kernel(model: keras.Model, name: str, shape) -> object:
-    """The kernel variable of layer `name`, also inside TF-MOT quantize/prune wrappers."""
+    """The kernel variable of layer `name`, also inside TF-MOT quantize/prune wrappers.
+
+    Matched by size, not shape: quantize_model turns a Dense kernel (n, m) into a 1x1 conv's (1, 1, n, m).
+    """
     for var in model.weights:
         parts = var.name.split("/")
         if (
             any(p == name or p.endswith(f"_{name}") for p in parts[:-1])
             and "kernel" in parts[-1]
-            and tuple(var.shape) == tuple(shape)
+            and int(np.prod(var.shape)) == int(np.prod(shape))
         ):
             return var
     raise ModelError(f"no kernel of shape {tuple(shape)} for layer {name!r} in model {model.name!r}")
@@ -83,7 +86,7 @@ def apply_masks(model: keras.Model, masks: dict[str, np.ndarray]) -> keras.Model
     """Zero the masked weights in place (one shot) and return the model."""
     for name, mask in masks.items():
         var = _find_kernel(model, name, mask.shape)
-        var.assign(var * mask)
+        var.assign(var * mask.reshape(var.shape))
     return model
 
 

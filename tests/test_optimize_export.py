@@ -33,9 +33,11 @@ def test_weight_layers_counts_kernels(tiny_keras):
 def test_bits_reach_the_flatbuffer(converted):
     model, plan = converted
     tensors = {t.op + str(t.shape): t for t in export.weight_tensors(model)}
-    conv = next(t for t in tensors.values() if t.op == "CONV_2D")
-    fc1 = next(t for t in tensors.values() if t.op == "FULLY_CONNECTED" and t.shape[0] == 32)
-    fc2 = next(t for t in tensors.values() if t.op == "FULLY_CONNECTED" and t.shape[0] == 10)
+    # Dense layers deploy as 1x1 convolutions (edgeq.optimize.dense_as_conv): no FULLY_CONNECTED left.
+    assert {t.op for t in tensors.values()} == {"CONV_2D"}
+    conv = next(t for t in tensors.values() if t.shape == (8, 3, 3, 1))
+    fc1 = next(t for t in tensors.values() if t.shape == (32, 1, 1, 288))
+    fc2 = next(t for t in tensors.values() if t.shape == (10, 1, 1, 32))
     assert conv.stored_type == "INT4" and conv.per_channel
     assert fc1.stored_type == "INT4" and not fc1.per_channel
     assert fc2.stored_type == "INT8"
@@ -169,3 +171,40 @@ def test_fold_batchnorm_is_exact_and_removes_bn(digits):
         ]
     )
     assert fold_batchnorm(relu_first) is relu_first
+
+
+def test_dense_as_conv_is_exact_keeps_names_and_shares_nothing():
+    import tf_keras as keras
+
+    from edgeq.optimize import dense_as_conv
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((6,), name="features")
+    shared = keras.layers.Dense(5, activation="relu", name="shared")
+    a, b = shared(inp), shared(keras.layers.Lambda(lambda t: -t, name="neg")(inp))
+    x = keras.layers.Concatenate(name="cat")([a, b])
+    out = keras.layers.Dense(3, name="head")(x)
+    model = keras.Model(inp, out, name="branchy")
+    x_np = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+
+    conv = dense_as_conv(model)
+    np.testing.assert_allclose(conv.predict(x_np, verbose=0), model.predict(x_np, verbose=0), atol=1e-6)
+    assert isinstance(conv.get_layer("shared"), keras.layers.Conv2D)  # same name, now a conv
+    assert not any(type(lyr) is keras.layers.Dense for lyr in conv.layers)
+    assert conv.get_layer("shared").kernel.shape == (1, 1, 6, 5)  # one conv, still shared by both branches
+    conv.get_layer("head").kernel.assign(conv.get_layer("head").kernel * 0)  # the copy owns its weights
+    assert np.any(model.get_layer("head").get_weights()[0] != 0)
+    no_dense = keras.Sequential([keras.layers.Input((4, 4, 1)), keras.layers.Conv2D(2, 3)])
+    assert dense_as_conv(no_dense) is no_dense
+
+
+def test_deployed_dense_layers_agree_bit_for_bit_with_litert(converted, digits):
+    """TFLM and LiteRT's reference kernels give identical int8 outputs on the QAT model."""
+    from deploy.measure import check_litert
+    from deploy.tflm import run_tflm as tflm
+
+    model, _ = converted
+    x, y = digits
+    ref, optimized = check_litert(model, x[-300:], y[-300:], "classification", tflm(model, x[-300:]))
+    assert ref.resolver == "BUILTIN_REF" and ref.vs_tflm.bit_exact and ref.vs_tflm.max_abs_diff == 0
+    assert optimized.resolver == "BUILTIN_WITHOUT_DEFAULT_DELEGATES" and optimized.vs_tflm.max_abs_diff <= 1

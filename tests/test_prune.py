@@ -52,7 +52,7 @@ def test_informativeness_sparsity_survives_qat_and_conversion(tiny_keras, digits
     qat.compile(keras.optimizers.Adam(1e-3), _loss())
     qat.fit(x[:512], y[:512], epochs=1, verbose=0, callbacks=[keep])
     tflite = export.convert(qat, x[:100])
-    fc1 = next(t for t in export.weight_tensors(tflite) if t.shape == (32, 288))
+    fc1 = next(t for t in export.weight_tensors(tflite) if t.shape == (32, 1, 1, 288))  # a 1x1 conv now
     vals = export._values(
         next(t for t, _ in export._weights(export._read(tflite)) if int(t.index) == fc1.index)
     )

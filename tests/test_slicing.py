@@ -29,7 +29,7 @@ def _qat_convert(model, bits: dict[str, int], digits) -> bytes:
 
 @pytest.fixture(scope="module")
 def dense_model(digits) -> bytes:
-    """MLP 64->256->128->10 with 3-bit QAT on the hidden layers (per-tensor INT4 Dense weights)."""
+    """MLP 64->256->128->10 with 3-bit QAT on the hidden layers (per-tensor INT4, as 1x1 convs)."""
     import tf_keras as keras
 
     L = keras.layers
@@ -78,13 +78,15 @@ def test_slices_keep_each_quantization(conv_model):
     res = slicing.slice_weights(conv_model, 1024)
     ops = model_editor.read(res.model).subgraphs[0].operators
     conv = [op for op in ops if op.opcode_name == "CONV_2D" and op.outputs[0].name.startswith("conv2/")]
-    fc = [op for op in ops if op.opcode_name == "FULLY_CONNECTED" and op.outputs[0].name.startswith("fc1/")]
+    # fc1 is a per-tensor 1x1 conv after quantize_model (dense_as_conv); FULLY_CONNECTED slicing is
+    # covered by test_depthwise_is_left_whole_with_a_warning on a post-training-quantized model.
+    fc = [op for op in ops if op.opcode_name == "CONV_2D" and op.outputs[0].name.startswith("fc1/")]
     assert len(conv) == 5 and len(fc) == 22  # 144 B and 288 B per channel into 1 KiB slices
     for op in conv:  # per-channel: one scale per sliced filter, bias scales sliced alike
         width = op.inputs[1].shape[0]
         assert len(op.inputs[1].quantization.scales) == width == len(op.inputs[2].quantization.scales)
         assert op.outputs[0].shape[-1] == width
-    for op in fc:  # per-tensor Dense keeps its single scale
+    for op in fc:  # the per-tensor former Dense keeps its single scale
         assert len(op.inputs[1].quantization.scales) == 1
     widths = [op.inputs[1].shape[0] for op in fc]
     assert sum(widths) == 64 and max(widths) - min(widths) <= 1  # balanced
@@ -107,7 +109,7 @@ def test_decode_sits_right_before_its_consumer_and_arena_shrinks(dense_model, di
     names = slicing.op_names(lut_sliced)
     # fc1 4 slices, fc2 8; the 8-bit output layer has more than 2**7 values and stays plain int8
     assert names.count("TFLM_DECODE") == 4 + 8
-    assert all(names[i + 1] == "FULLY_CONNECTED" for i, n in enumerate(names) if n == "TFLM_DECODE")
+    assert all(names[i + 1] == "CONV_2D" for i, n in enumerate(names) if n == "TFLM_DECODE")
     # the planner reuses one slice's decode space for the next: 32 KiB fc2 no longer materialised whole
     whole, sliced = arena_bytes(lut_whole, x[0]), arena_bytes(lut_sliced, x[0])
     assert sliced < whole - 16 * 1024
