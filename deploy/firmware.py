@@ -213,8 +213,13 @@ def render_firmware(
     input_quant: Any,
     c_arrays: CArrays,
     board: Any = None,
+    alt_decompression_bytes: int = 0,
 ) -> Path:
-    """Render out_dir/firmware (CMake app, zephyr/, arduino/<name>/, README.md); returns its path."""
+    """Render out_dir/firmware (CMake app, zephyr/, arduino/<name>/, README.md); returns its path.
+
+    arena_bytes is the measured total; with alt_decompression_bytes > 0 (--decompress-to alt) that many
+    of them become a separate DECODE region and the arena array shrinks by as much.
+    """
     model = bytes(model_bytes)
     info = describe(model)
     ops = info.ops
@@ -229,14 +234,20 @@ def render_firmware(
             f"{source} does not hold this model's bytes; write the C arrays of the same model"
         )
 
+    alt = int(alt_decompression_bytes)
+    if alt and (DECODE_OP not in ops or not 0 < alt < arena_bytes):
+        raise FirmwareError(
+            f"alt_decompression_bytes={alt} needs a model with DECODE and 0 < alt < arena_bytes "
+            f"({arena_bytes}): pass 0 for a model whose DECODE output goes to the arena"
+        )
     ident = c_identifier(name)
-    arena_size = arena_with_margin(int(arena_bytes))
+    arena_size = arena_with_margin(int(arena_bytes) - alt)
     has_protocol = all((TEMPLATES / "common" / p).is_file() for p in PROTOCOL_FILES)
     fit_message = ""
     if board is not None:
         from deploy.boards import fit_check
 
-        fit_message = fit_check(board, len(model), arena_size).message
+        fit_message = fit_check(board, len(model), arena_size + alt).message
     flash_args = " ".join(getattr(board, "flash_args", ()) or ())
     flash_args = flash_args.replace("{image}", "<firmware image>").replace("{port}", "<serial port>")
     # INFER carries a 4-byte sequence number + the input, RESULT 8 bytes + the output.
@@ -259,9 +270,10 @@ def render_firmware(
         "ops": ops,
         "calls": calls,
         "has_decode": DECODE_OP in ops,
-        "arena_measured": int(arena_bytes),
+        "arena_measured": int(arena_bytes) - alt,
         "arena_size": arena_size,
-        "arena_margin": arena_size - int(arena_bytes),
+        "arena_margin": arena_size - (int(arena_bytes) - alt),
+        "alt_bytes": alt,
         "model_len": len(model),
         "model_crc32": zlib.crc32(model),
         "clock_hz": int(getattr(board, "clock_hz", 0) or 0),

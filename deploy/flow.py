@@ -373,6 +373,7 @@ def deploy_candidate(
             arena_bytes=m_dep["figures"]["arena_bytes"],
             input_quant=io_quant(tflm_interpreter(cand.chosen.model), "input"),
             c_arrays=carr,
+            alt_decompression_bytes=alt,
         )
         rep = report.build(
             spec=spec,

@@ -144,6 +144,44 @@ def test_lut_model_registers_decode(lut_project):
     assert (project / "arduino" / ident / f"{ident}.ino").is_file()
 
 
+def test_alt_decompression_gets_its_own_region(tiny_tflite, tmp_path):
+    """--decompress-to alt: DECODE's share leaves the arena array for a region given to TFLM."""
+    from deploy.firmware import arena_with_margin
+    from deploy.measure import alt_decompression_size
+
+    model = _lut_model(tiny_tflite)
+    alt = alt_decompression_size(model)
+    total = arena_bytes(model, alt_decompression=alt)  # includes the alt region, as the report does
+    arr = write_c_arrays(model, tmp_path, "alt")
+    q = io_quant(tflm_interpreter(model), "input")
+    fw = render_firmware(
+        model,
+        tmp_path,
+        name="alt",
+        arena_bytes=total,
+        input_quant=q,
+        c_arrays=arr,
+        alt_decompression_bytes=alt,
+    )
+    main = (fw / "main.cc").read_text()
+    assert f"constexpr int kAltDecompressionSize = {alt};" in main
+    assert f"constexpr int kArenaSize = {arena_with_margin(total - alt)};" in main
+    assert "edgeq_set_alt(interpreter, alt_region, 0)" in main
+    assert main.index("edgeq_set_alt(interpreter") < main.index("interpreter.AllocateTensors()")
+    assert "USE_TFLM_COMPRESSION" in (fw / "CMakeLists.txt").read_text()
+    assert f"{alt}-byte region" in (fw / "README.md").read_text()
+    with pytest.raises(FirmwareError, match="needs a model with DECODE"):
+        render_firmware(
+            tiny_tflite,
+            tmp_path / "x",
+            name="m",
+            arena_bytes=4096,
+            input_quant=q,
+            c_arrays=write_c_arrays(tiny_tflite, tmp_path / "x", "m"),
+            alt_decompression_bytes=512,
+        )
+
+
 def _mentioned_paths(readme: str) -> list[str]:
     prose = re.sub(r"```.*?```", "", readme, flags=re.S)  # commands and layouts in fences are not our files
     tokens = re.findall(r"`([^`\s]+)`", prose)
