@@ -46,7 +46,9 @@ def latency_ms(model: bytes, sample: np.ndarray, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def train(x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int, weight_bits: int = 4):
+def train(
+    x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int, weight_bits: int = 4, keep_dense=False
+):
     """Float LeNet-5, then uniform QAT on every weight layer; returns (qat model, bits, sizes, seconds)."""
     import tensorflow as tf
     import tf_keras as keras
@@ -63,7 +65,7 @@ def train(x, y, *, epochs: int, qat_epochs: int, qat_samples: int, seed: int, we
     model.fit(x, y, epochs=epochs, batch_size=128, verbose=0)
     sizes = weight_layers(model)
     bits = {name: weight_bits for name in sizes}
-    qat = quantize_model(model, BitPlan.from_bits(bits))
+    qat = quantize_model(model, BitPlan.from_bits(bits), keep_dense=keep_dense)
     qat.compile(keras.optimizers.Adam(1e-4), loss, ["accuracy"])
     qat.fit(x[:qat_samples], y[:qat_samples], epochs=qat_epochs, batch_size=128, verbose=0)
     return qat, bits, sizes, time.time() - t0
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-runs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bits", type=int, default=4, help="weight bits of every layer (default 4)")
+    ap.add_argument(
+        "--keep-dense", action="store_true", help="Dense as FULLY_CONNECTED (edgeq run --keep-dense)"
+    )
     ap.add_argument("--board", default=None, help="also check the fit on a board profile, e.g. nrf52832")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -98,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     xt, yt = x_test[:test_n], y_test[:test_n]
 
     qat, bits, sizes, train_s = train(
-        x_train, y_train, epochs=1, qat_epochs=1, qat_samples=qat_n, seed=args.seed, weight_bits=args.bits
+        x_train,
+        y_train,
+        epochs=1,
+        qat_epochs=1,
+        qat_samples=qat_n,
+        seed=args.seed,
+        weight_bits=args.bits,
+        keep_dense=args.keep_dense,
     )
     mean_bits = sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values())
     converted = export.convert(qat, x_train[:200])  # INT4 weight tensors
@@ -199,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "budget_bytes": budget,
         "plan_bits": bits,
+        "dense_layers": "FULLY_CONNECTED (--keep-dense)" if args.keep_dense else "1x1 CONV_2D (default)",
         "mean_bits": mean_bits,
         "train": {
             "float_epochs": 1,
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for v, msg in result["board"].items():
             print(f"{args.board}: {v}: {msg}")
     stem = ("slicing_quick" if args.quick else "slicing") + (f"_{args.bits}bit" if args.bits != 4 else "")
+    stem += "_keep_dense" if args.keep_dense else ""
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
     board_md = "".join(f"\n- {args.board}, {v}: {m}" for v, m in result.get("board", {}).items())
     atomic_write_text(
@@ -248,6 +262,7 @@ def render(r: dict) -> str:
         f"- command: `{r['command']}`",
         f"- commit: `{r['commit']}`; machine: {m['cpu']}, nproc {m['nproc']}, Python {m['python']}",
         f"- plan: {r['plan_bits']} (mean {r['mean_bits']:.2f} bits); training: {r['train']}",
+        f"- Dense layers deployed as {r.get('dense_layers', 'FULLY_CONNECTED')}",
         f"- decode budget {r['budget_bytes']:,} B; packing limit {r['packing_limit_bytes']:,} B; "
         f"accuracy over the first {r['test_samples']:,} test images in TFLM; latency = median of "
         f"{r['latency_runs']} host TFLM invokes (a ratio, not an MCU time)",

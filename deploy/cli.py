@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         board=args.board,
         decode_budget=budget,
         decompress_to=args.decompress_to,
+        keep_dense=args.keep_dense,
         quiet=args.quiet,
         stderr=args.stderr,
     )
@@ -160,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
         choices=("arena", "alt"),
         default="arena",
         help="where DECODE writes LUT weights: the tensor arena, or a separate alternate memory region",
+    )
+    r.add_argument(
+        "--keep-dense",
+        action="store_true",
+        help="deploy Dense layers as FULLY_CONNECTED, not 1x1 CONV_2D: 8 B less arena per output unit and "
+        "~30 B less flash per operator, but TFLM and LiteRT then differ by up to 1 LSB",
     )
     r.add_argument(
         "--decode-budget",

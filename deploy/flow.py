@@ -35,6 +35,7 @@ class RunOptions:
     arena_limit: int | None = None  # RAM a search allows the arena; --storage auto weighs flash against it
     decompress_to: str = "arena"  # or "alt": DECODE writes into the interpreter's alternate memory
     decode_budget: int | None = 16 * 1024  # bytes of decompressed weights per slice; None: no slicing
+    keep_dense: bool = False  # Dense as FULLY_CONNECTED instead of 1x1 CONV_2D (see quantize_model)
     quiet: bool = False
     stderr: object = None  # where progress goes (the CLI passes the real terminal)
 
@@ -279,7 +280,7 @@ def make_candidate(
             "qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)"
         )
     # Start QAT from the plan's own grids (uniform on [P5, P95], or the quantile levels).
-    qat = quantize_model(project_weights(trained.det, plan), plan)
+    qat = quantize_model(project_weights(trained.det, plan), plan, keep_dense=opts.keep_dense)
     fine_tune(qat, trained, spec, qat_epochs)
     if progress:
         progress.stage("export", f"converting, slicing and storing the weights ({opts.storage})")

@@ -199,17 +199,22 @@ def dense_as_conv(model: keras.Model) -> keras.Model:
     return out
 
 
-def quantize_model(model: keras.Model, plan: BitPlan, *, activation_bits: int = 8) -> keras.Model:
+def quantize_model(
+    model: keras.Model, plan: BitPlan, *, activation_bits: int = 8, keep_dense: bool = False
+) -> keras.Model:
     """QAT model: planned layers get their plan's bits, other supported layers TF-MOT's default 8 bits.
 
     BatchNormalization after a planned conv/dense is folded into it first (see fold_batchnorm); every
-    Dense on a vector then becomes a 1x1 Conv2D of the same name (see dense_as_conv).
+    Dense on a vector then becomes a 1x1 Conv2D of the same name (see dense_as_conv) unless keep_dense:
+    FULLY_CONNECTED saves TFLM 8 B of arena per output unit and ~30 B of flash per operator, but TFLM
+    and LiteRT then differ by up to 1 LSB.
     """
     check_plan(model, plan)
     non_uniform = {n for n, lb in plan.layers.items() if lb.quantizer != "uniform" and lb.levels}
     was_dense = {layer.name for layer in model.layers if type(layer) is keras.layers.Dense}
     model = fold_batchnorm(model, skip=non_uniform)  # levels were fitted to the unfolded weights
-    model = dense_as_conv(model)
+    if not keep_dense:
+        model = dense_as_conv(model)
     registry = qk.default_8bit.Default8BitQuantizeRegistry()
 
     def annotate(layer):

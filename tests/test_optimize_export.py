@@ -208,3 +208,15 @@ def test_deployed_dense_layers_agree_bit_for_bit_with_litert(converted, digits):
     ref, optimized = check_litert(model, x[-300:], y[-300:], "classification", tflm(model, x[-300:]))
     assert ref.resolver == "BUILTIN_REF" and ref.vs_tflm.bit_exact and ref.vs_tflm.max_abs_diff == 0
     assert optimized.resolver == "BUILTIN_WITHOUT_DEFAULT_DELEGATES" and optimized.vs_tflm.max_abs_diff <= 1
+
+
+def test_keep_dense_deploys_fully_connected(tiny_keras, digits):
+    import tf_keras as keras
+
+    x, y = digits
+    qat = quantize_model(tiny_keras, BitPlan.from_bits({"conv1": 4, "fc1": 4, "fc2": 8}), keep_dense=True)
+    qat.compile(keras.optimizers.Adam(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x[:256], y[:256], epochs=1, verbose=0)  # sets the quantizer ranges
+    tensors = export.weight_tensors(export.convert(qat, x[:100]))
+    fc1 = next(t for t in tensors if t.shape == (32, 288))
+    assert fc1.op == "FULLY_CONNECTED" and fc1.stored_type == "INT4" and not fc1.per_channel
