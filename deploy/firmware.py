@@ -15,7 +15,7 @@ import numpy as np
 from deploy.carrays import CArrays, c_identifier, parse_c_array
 from deploy.flatbuffer import DECODE_OP, describe, resolver_calls
 from edgeq.errors import EdgeqError
-from edgeq.io import atomic_write_bytes, atomic_write_text
+from edgeq.io import atomic_write_bytes, atomic_write_text, usual_mode
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "firmware_templates"
 APP_TEMPLATES = TEMPLATES / "tflm_app"
@@ -291,7 +291,7 @@ def render_firmware(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".firmware.", suffix=".tmp", dir=out))
+    tmp = usual_mode(tempfile.mkdtemp(prefix=".firmware.", suffix=".tmp", dir=out))
     try:
         env = _environment()
         for f in files:

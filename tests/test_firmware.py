@@ -81,6 +81,12 @@ def _resolver_calls_in(main_cc: str) -> list[str]:
 
 
 def test_layout(project):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(project.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
     for rel in (
         "main.cc",
         "CMakeLists.txt",
