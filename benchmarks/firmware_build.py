@@ -3,7 +3,7 @@
     python benchmarks/firmware_build.py --tflm-root DIR [--build OUT_DIR] [--storage lut]
 
 DIR (or the TFLM_ROOT environment variable) is a TensorFlow Lite Micro tree laid out like the output of
-tflite-micro's create_tflm_tree.py. OUT_DIR is an `edgeq run` output folder (model.tflite, model_data.cc/.h,
+tflite-micro's create_tflm_tree.py. OUT_DIR is an `edgeq run` output folder (model.tflite,
 report.json, test_data.npz); without --build the digits pipeline runs into a temporary folder first.
 
 The firmware is rendered afresh from the current templates into a scratch copy of OUT_DIR (OUT_DIR itself is
@@ -44,7 +44,7 @@ from edgeq.io import atomic_write_text  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "firmware_build.md"
 INTERPRETER_H = "tensorflow/lite/micro/micro_interpreter.h"
 # What render_firmware needs from an `edgeq run` folder, and what device-eval reads.
-BUILD_FILES = ("model.tflite", "model_data.cc", "model_data.h", "report.json", "test_data.npz")
+BUILD_FILES = ("model.tflite", "report.json", "test_data.npz")
 BOOT_LINE = re.compile(r"arena (\d+) of (\d+) bytes used")
 WARNING = re.compile(r"^(\S+?):\d+:\d+: warning: .*\[(-W[^\]]+)\]$", re.M)
 
@@ -92,7 +92,7 @@ def run_pipeline(out_dir: Path, storage: str | None = None) -> Path:
 
 def render(build: Path, work: Path) -> tuple[Path, str]:
     """Copy build's model files into work and render the firmware there; (firmware dir, model name)."""
-    from deploy.carrays import CArrays
+    from deploy.carrays import write_c_arrays
     from deploy.firmware import render_firmware
     from deploy.tflm import io_quant, tflm_interpreter
 
@@ -103,20 +103,17 @@ def render(build: Path, work: Path) -> tuple[Path, str]:
         shutil.copy2(build / name, work / name)
     report = json.loads((work / "report.json").read_text())
     name = report["pipeline"]
-    header = (work / "model_data.h").read_text()
-    symbols = re.findall(r"extern const [\w ]+? (g_\w+)(?:\[\])?;", header)
-    data = next(s for s in symbols if not s.endswith("_len"))
+    deployed = report["models"]["deployed"]
     model = (work / "model.tflite").read_bytes()
-    carr = CArrays(
-        header=work / "model_data.h", source=work / "model_data.cc", symbol=data, length_symbol=f"{data}_len"
-    )
+    # The same arrays `edgeq run` wrote (same bytes, same name), and the same render arguments.
     fw = render_firmware(
         model,
         work,
         name=name,
-        arena_bytes=report["models"]["deployed"]["arena_bytes"],
+        arena_bytes=deployed["arena_bytes"],
         input_quant=io_quant(tflm_interpreter(model), "input"),
-        c_arrays=carr,
+        c_arrays=write_c_arrays(model, work, name),
+        alt_decompression_bytes=deployed.get("alt_decompression_bytes", 0),
     )
     return fw, name
 

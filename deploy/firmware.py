@@ -240,8 +240,9 @@ def render_firmware(
             f"alt_decompression_bytes={alt} needs a model with DECODE and 0 < alt < arena_bytes "
             f"({arena_bytes}): pass 0 for a model whose DECODE output goes to the arena"
         )
+    arena_measured = int(arena_bytes) - alt  # what the tensor arena itself must hold
     ident = c_identifier(name)
-    arena_size = arena_with_margin(int(arena_bytes) - alt)
+    arena_size = arena_with_margin(arena_measured)
     has_protocol = all((TEMPLATES / "common" / p).is_file() for p in PROTOCOL_FILES)
     fit_message = ""
     if board is not None:
@@ -270,9 +271,9 @@ def render_firmware(
         "ops": ops,
         "calls": calls,
         "has_decode": DECODE_OP in ops,
-        "arena_measured": int(arena_bytes) - alt,
+        "arena_measured": arena_measured,
         "arena_size": arena_size,
-        "arena_margin": arena_size - (int(arena_bytes) - alt),
+        "arena_margin": arena_size - arena_measured,
         "alt_bytes": alt,
         "model_len": len(model),
         "model_crc32": zlib.crc32(model),

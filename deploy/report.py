@@ -100,7 +100,9 @@ def build(
                 **dep_fig,
                 "packing_limit_bytes": int(packing_limit),
                 # The headline: LiteRT's reference kernels, the ones TFLM's kernels are ported from.
-                "bit_exact_tflm_vs_litert": litert[0].vs_tflm.bit_exact,
+                "bit_exact_tflm_vs_litert": next(
+                    c.vs_tflm.bit_exact for c in litert if c.resolver == "BUILTIN_REF"
+                ),
                 "litert": {
                     c.resolver: {
                         **{k: _r(v) for k, v in c.scores.items()},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,11 @@ def tiny_build(tmp_path, tiny_tflite, digits):
     (tmp_path / "model.tflite").write_bytes(tiny_tflite)
     np.savez(tmp_path / "test_data.npz", x=x[-100:], y=y[-100:])
     return tmp_path
+
+
+@pytest.fixture
+def umask() -> int:
+    """The process umask: files edgeq writes should have 0o666 & ~umask, folders 0o777 & ~umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

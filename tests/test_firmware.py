@@ -80,13 +80,10 @@ def _resolver_calls_in(main_cc: str) -> list[str]:
     return re.findall(r"if \(resolver\.(Add\w+)\(\) != kTfLiteOk\)", main_cc)
 
 
-def test_layout(project):
-    import os
+def test_layout(project, umask):
     import stat
 
-    mask = os.umask(0)
-    os.umask(mask)
-    assert stat.S_IMODE(project.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    assert stat.S_IMODE(project.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
     for rel in (
         "main.cc",
         "CMakeLists.txt",
