@@ -125,7 +125,21 @@ def expected_bits_cost(q2: tf.Tensor, q_high: tf.Tensor) -> tf.Tensor:
 
 
 class _BBKernelMixin:
-    """Learnable range, hard-concrete gates and the BOP regulariser for a layer's kernel."""
+    """Learnable range, hard-concrete gates and the BOP regulariser for a layer's kernel.
+
+    Listed before the Keras layer class, so its __init__/build/get_config wrap the layer's own.
+    """
+
+    def __init__(self, *args, lam=0.0, bop_weight=0.0, init_log_alpha=6.0, gate_lr_mult=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._bb_init(lam, bop_weight, init_log_alpha, gate_lr_mult)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._bb_build()
+
+    def get_config(self):
+        return {**super().get_config(), **self._bb_config()}
 
     def _bb_init(self, lam: float, bop_weight: float, init_log_alpha: float, gate_lr_mult: float) -> None:
         self.lam = float(lam)
@@ -204,35 +218,16 @@ class _BBKernelMixin:
 class BBConv2D(_BBKernelMixin, keras.layers.Conv2D):
     """Conv2D whose kernel goes through Bayesian Bits gates (z_2 per output filter)."""
 
-    def __init__(self, *args, lam=0.0, bop_weight=0.0, init_log_alpha=6.0, gate_lr_mult=1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._bb_init(lam, bop_weight, init_log_alpha, gate_lr_mult)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._bb_build()
-
     def call(self, inputs, training=None):
         outputs = self.convolution_op(inputs, self.quantized_kernel(training))
         if self.use_bias:
             outputs = tf.nn.bias_add(outputs, self.bias, data_format=self._tf_data_format)
         return self.activation(outputs) if self.activation is not None else outputs
 
-    def get_config(self):
-        return {**super().get_config(), **self._bb_config()}
-
 
 @keras.utils.register_keras_serializable("edgeq")
 class BBDense(_BBKernelMixin, keras.layers.Dense):
     """Dense whose kernel goes through Bayesian Bits gates (z_2 per output unit)."""
-
-    def __init__(self, *args, lam=0.0, bop_weight=0.0, init_log_alpha=6.0, gate_lr_mult=1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._bb_init(lam, bop_weight, init_log_alpha, gate_lr_mult)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._bb_build()
 
     def call(self, inputs, training=None):
         kernel = self.quantized_kernel(training)
@@ -243,9 +238,6 @@ class BBDense(_BBKernelMixin, keras.layers.Dense):
         if self.use_bias:
             outputs = tf.nn.bias_add(outputs, self.bias)
         return self.activation(outputs) if self.activation is not None else outputs
-
-    def get_config(self):
-        return {**super().get_config(), **self._bb_config()}
 
 
 BB_LAYERS = (BBConv2D, BBDense)
