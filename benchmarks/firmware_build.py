@@ -92,9 +92,9 @@ def run_pipeline(out_dir: Path, storage: str | None = None) -> Path:
 
 def render(build: Path, work: Path) -> tuple[Path, str]:
     """Copy build's model files into work and render the firmware there; (firmware dir, model name)."""
-    from deploy.carrays import write_c_arrays
+    from deploy.export.carrays import write_c_arrays
     from deploy.firmware import render_firmware
-    from deploy.tflm import io_quant, tflm_interpreter
+    from deploy.measure.tflm import io_quant, tflm_interpreter
 
     work.mkdir(parents=True, exist_ok=True)
     for name in BUILD_FILES:

@@ -2,9 +2,9 @@
 
     python benchmarks/paper_tables.py --data /work/shared/data/mnist.npz [--quick] [--out benchmarks/results]
 
-Trains the float model and its Bayesian twin once (deploy.flow.train), then per method (float, TF-MOT int8
-QAT, uniform, QIU, QINU, RB, Bayesian Bits) allocates, fine-tunes with TF-MOT QAT, exports through the same
-converter / slicing / storage path as `edgeq run`, and measures the exported .tflite in the TFLM interpreter
+Trains the float model and its Bayesian twin once (deploy.app.train_pipeline), then per method (float,
+TF-MOT int8 QAT, uniform, QIU, QINU, RB, Bayesian Bits) allocates, fine-tunes with TF-MOT QAT, exports
+through the same converter / slicing / storage path as `edgeq run`, and measures the exported .tflite in the TFLM interpreter
 over the whole test split. Writes lenet5_mnist.{json,md,png} and regression_mlp.{json,md} (`*_quick.*`
 with --quick: a few hundred training images, 1 epoch per stage, 500 test images).
 """
@@ -34,22 +34,15 @@ sys.path.insert(0, str(ROOT))
 from provenance import commit, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from deploy import export, measure  # noqa: E402
-from deploy.flow import (  # noqa: E402
-    Candidate,
-    Progress,
-    RunOptions,
-    Trained,
-    fine_tune,
-    make_candidate,
-    packing_limit,
-    train,
-)
-from deploy.slicing import slice_weights  # noqa: E402
+from deploy import measure, storage  # noqa: E402
+from deploy.app import Candidate, RunOptions, make_candidate, train_pipeline  # noqa: E402
+from deploy.export import ExportOptions, export  # noqa: E402
+from deploy.export.limits import packing_limit  # noqa: E402
 from edgeq.data import Splits, load_diabetes, load_npz  # noqa: E402
 from edgeq.io import atomic_write_text  # noqa: E402
 from edgeq.pipeline import PipelineSpec  # noqa: E402
 from edgeq.plan import BitPlan, LayerBits  # noqa: E402
+from edgeq.training import Trained, fine_tune, loss_and_metrics  # noqa: E402
 
 # The papers' own LeNet-5 / MNIST figures (accuracy %, mean bits): QI/RB paper and Bayesian Bits.
 PAPER = {
@@ -143,18 +136,20 @@ def _mean_bits(bits: dict[str, int], sizes: dict[str, int]) -> float:
 
 def _measure(model_bytes: bytes, splits: Splits) -> dict:
     """TFLM figures of one exported model over the whole (given) test split."""
-    return measure.measure_tflm(model_bytes, splits.x_test, splits.y_test, splits.task)["figures"]
+    m = measure.measure_tflm(model_bytes, splits.x_test, splits.y_test, splits.task)
+    return {
+        **{f"{k}_tflm": v for k, v in m.scores.items()},
+        "flash_bytes": m.flash_bytes,
+        "arena_bytes": m.arena_bytes,
+        "latency_tflm_us": m.latency_us,
+    }
 
 
-def _export(qat, trained: Trained, opts: RunOptions, n_verify: int) -> tuple[bytes, export.Storage]:
-    """The exporter path of deploy.flow.make_candidate: convert, slice, choose storage, verify bit-exact."""
+def _export(qat, trained: Trained, opts: RunOptions, n_verify: int) -> tuple[bytes, storage.Storage]:
+    """The exporter path of deploy.app.make_candidate: convert, slice, choose storage, verify bit-exact."""
     s = _subset(trained.splits, None, n_verify)
-    uncompressed = export.convert(qat, s.x_train)
-    sliced = slice_weights(uncompressed, opts.decode_budget) if opts.decode_budget else None
-    chosen, _ = export.choose_storage(
-        sliced.model if sliced else uncompressed, opts.storage, s.x_test, reference=uncompressed
-    )
-    return uncompressed, chosen
+    ex = export(qat, s.x_train, s.x_test, ExportOptions(opts.storage, opts.target.decode_budget))
+    return ex.uncompressed, ex.deployed
 
 
 def _row(
@@ -231,7 +226,7 @@ def candidate_row(
     target: float,
     n_verify: int,
 ) -> dict:
-    """One edgeq method (uniform/qiu/qinu/rb) at one target, through deploy.flow.make_candidate."""
+    """One edgeq method (uniform/qiu/qinu/rb) at one target, through deploy.app.make_candidate."""
     t0 = time.perf_counter()
     # make_candidate verifies the storage variants on its test split: a subset; scores use the whole split.
     verify = dataclasses.replace(trained, splits=_subset(trained.splits, None, n_verify))
@@ -243,8 +238,8 @@ def candidate_row(
         trained.float_model,
         cand.plan.bits,
         trained.sizes,
-        cand.chosen.model,
-        cand.chosen.kind,
+        cand.exported.deployed.model,
+        cand.exported.deployed.kind,
         cand.qat,
         trained,
         secs,
@@ -259,7 +254,7 @@ def int8_row(trained: Trained, spec: PipelineSpec, opts: RunOptions, n_verify: i
     # A plain 8-bit plan (no edgeq projection): the baseline is TF-MOT's own int8 QAT.
     plan = BitPlan({n: LayerBits(8) for n in trained.sizes}, method="int8")
     qat = quantize_model(trained.float_model, plan)
-    fine_tune(qat, trained, spec, spec.qat_epochs)
+    fine_tune(qat, trained.splits, spec, spec.qat_epochs)
     _, chosen = _export(qat, trained, opts, n_verify)
     secs = time.perf_counter() - t0
     return _row(
@@ -285,7 +280,7 @@ def train_bb(trained: Trained, lam: float, epochs: int, lr: float, batch_size: i
     t0 = time.perf_counter()
     keras.utils.set_random_seed(0)
     bb = to_bayesian_bits(trained.float_model, lam=lam)
-    bb.compile(keras.optimizers.Adam(lr), trained.loss, trained.metrics)
+    bb.compile(keras.optimizers.Adam(lr), *loss_and_metrics(trained.splits.task))
     s = _subset(trained.splits, n_train, None)
     bb.fit(s.x_train, s.y_train, epochs=epochs, batch_size=batch_size, verbose=0)
     return bb, time.perf_counter() - t0
@@ -345,7 +340,7 @@ def bb_row(
     t0 = time.perf_counter()
     small, plan, info = bb_exportable(bb, trained)
     qat = quantize_model(small, plan)
-    fine_tune(qat, trained, spec, qat_epochs)
+    fine_tune(qat, trained.splits, spec, qat_epochs)
     _, chosen = _export(qat, trained, opts, n_verify)
     secs = bb_seconds + time.perf_counter() - t0
     return _row(
@@ -430,7 +425,7 @@ def pareto(
         )
         for target in budget.pareto_targets:
             cand = make_candidate(t, spec, opts, method, target, 0)
-            figs = _measure(cand.chosen.model, small)
+            figs = _measure(cand.exported.deployed.model, small)
             pts.append(
                 {
                     "method": method,
@@ -446,7 +441,7 @@ def pareto(
     for lam, bb, _, _ in search:
         net, plan, _ = bb_exportable(bb, t)
         qat = quantize_model(net, plan)
-        fine_tune(qat, t, spec, 0)
+        fine_tune(qat, t.splits, spec, 0)
         _, chosen = _export(qat, t, opts, budget.n_verify)
         figs = _measure(chosen.model, small)
         pts.append(
@@ -630,10 +625,10 @@ def run_task(
 ) -> dict:
     """Train once, build every row (and the Pareto points), write name.{json,md[,png]}."""
     t0 = time.perf_counter()
-    opts = RunOptions(out=out, data=data, quiet=False)
+    opts = RunOptions(out=out, data=data)
     n_stages = 3 + 5 * len(targets) - (8.0 in targets) + (3 if do_pareto else 0) + 1
     stage = Stages(n_stages)
-    trained = train(spec, opts, Progress(False))
+    trained = train_pipeline(spec, opts, lambda name, text: print(f"[{name}] {text}", flush=True))
     trained = dataclasses.replace(trained, splits=_subset(trained.splits, budget.n_train, budget.n_test))
     stage(f"BB lambda search {budget.bb_lams} ({budget.bb_epochs} epoch each)")
     search = bb_search(trained, spec, budget)

@@ -25,9 +25,14 @@ sys.path.insert(0, str(ROOT))
 from provenance import commit, cpu_model  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from deploy import export, slicing  # noqa: E402
-from deploy.flow import packing_limit  # noqa: E402
-from deploy.tflm import arena_bytes, io_quant, quantize_input, run_tflm, tflm_interpreter  # noqa: E402
+from deploy import (  # noqa: E402
+    export,
+    flatbuffer,  # noqa: E402
+    slicing,
+)
+from deploy.export.limits import packing_limit  # noqa: E402
+from deploy.measure.tflm import arena_bytes, io_quant, quantize_input, run_tflm, tflm_interpreter  # noqa: E402
+from deploy.storage import lut  # noqa: E402
 from edgeq.io import atomic_write_text  # noqa: E402
 
 
@@ -117,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     res = slicing.slice_weights(converted, budget)
     slice_s = time.time() - t0
-    lut = export.lut_compress(converted).model
-    lut_sliced = export.lut_compress(res.model).model
+    lut_whole = lut.build(converted).model
+    lut_sliced = lut.build(res.model).model
     variants = {
-        "int8 (QAT weights stored int8)": export.unpack_int4(converted),
+        "int8 (QAT weights stored int8)": flatbuffer.unpack_int4_tensors(converted),
         "int4 unsliced": converted,
         f"int4 sliced {args.budget}": res.model,
-        "lut unsliced": lut,
+        "lut unsliced": lut_whole,
         f"lut sliced {args.budget}": lut_sliced,
     }
     ref = run_tflm(converted, xt)
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = []
     for b in ("8KiB", "16KiB", "32KiB", "64KiB", "128KiB"):
         r_b = slicing.slice_weights(converted, b)
-        for kind, m_b in (("int4", r_b.model), ("lut", export.lut_compress(r_b.model).model)):
+        for kind, m_b in (("int4", r_b.model), ("lut", lut.build(r_b.model).model)):
             sweep.append(
                 {
                     "budget": b,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -15,21 +16,46 @@ import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.errors import EdgeqError
 
 
-def check_target(bits: float) -> float:
-    """--target-bits and sweep targets must lie in [1, 8]."""
-    from deploy.flow import check_target as check
+class Progress:
+    """Shows which stage is running (rich on a terminal, plain lines otherwise): the app's on_stage."""
 
-    return check(bits)
+    def __init__(self, quiet: bool, stream=None):
+        self.quiet = quiet
+        self.stream = stream
+
+    def __call__(self, name: str, text: str) -> None:
+        if self.quiet:
+            return
+        from rich.console import Console
+
+        from deploy.app import STAGES
+
+        console = Console(file=self.stream) if self.stream is not None else Console(stderr=True)
+        console.print(f"[bold cyan][{STAGES.index(name) + 1}/{len(STAGES)}][/] {text}", highlight=False)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from deploy.flow import RunOptions, run
-    from edgeq.pipeline import load_pipeline
+def _finite(value: float | None, flag: str, low: float | None = None) -> float | None:
+    if value is not None and (not math.isfinite(value) or (low is not None and value < low)):
+        bound = f" and >= {low:g}" if low is not None else ""
+        raise EdgeqError(f"{flag} {value} must be a finite number{bound}")
+    return value
+
+
+def _options(args: argparse.Namespace):
+    """RunOptions and the search's settings from the flags, every one checked before any work."""
+    from deploy.app import RunOptions, check_target_bits
+    from deploy.target import load_target
 
     if args.target_bits is not None:
-        check_target(args.target_bits)
-    budget = decode_budget(args.decode_budget, args.board)
-    spec = load_pipeline(args.pipeline)
+        check_target_bits(args.target_bits)
+    if args.epochs is not None and args.epochs < 1:
+        raise EdgeqError(f"--epochs {args.epochs} must be at least 1")
+    _finite(args.max_accuracy_drop, "--max-accuracy-drop", 0.0)
+    if args.workers < 1:
+        raise EdgeqError(f"--workers {args.workers} must be at least 1")
+    target = load_target(
+        args.board, args.flash_budget, args.ram_budget, args.decode_budget, args.decompress_to, args.kernels
+    )
     opts = RunOptions(
         out=Path(args.out),
         target_bits=args.target_bits,
@@ -38,75 +64,66 @@ def _run(args: argparse.Namespace) -> int:
         storage=args.storage,
         data=args.data,
         epochs=args.epochs,
-        board=args.board,
-        decode_budget=budget,
-        decompress_to=args.decompress_to,
         keep_dense=args.keep_dense,
-        quiet=args.quiet,
-        stderr=args.stderr,
+        target=target,
     )
-    if args.board or args.flash_budget or args.ram_budget or args.max_accuracy_drop is not None:
-        rep = _search(args, spec, opts)
+    return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods)
+
+
+def _sweep_targets(text: str) -> tuple[float, ...]:
+    from deploy.app import check_target_bits
+
+    try:
+        targets = tuple(float(t) for t in text.split(","))
+    except ValueError as e:
+        raise EdgeqError(f"--sweep-targets {text!r} is not a list of numbers like 2,3,4") from e
+    return tuple(check_target_bits(t) for t in targets)
+
+
+def _sweep_methods(text: str) -> tuple[str, ...]:
+    from edgeq.allocators import check_method
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods:
+        raise EdgeqError(f"--sweep-methods {text!r} names no method")
+    return tuple(check_method(m).name for m in methods)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deploy.app import run
+    from edgeq.pipeline import load_pipeline
+
+    opts, targets, methods = _options(args)
+    spec = load_pipeline(args.pipeline)
+    progress = Progress(args.quiet, args.stderr)
+    if opts.target.searching or args.max_accuracy_drop is not None:
+        from deploy.search import sweep
+
+        rep = sweep(
+            spec,
+            opts,
+            targets=targets,
+            methods=methods,
+            max_accuracy_drop=args.max_accuracy_drop,
+            workers=args.workers,
+            on_stage=progress,
+        )
     else:
-        rep = run(spec, opts)
-    d, key = rep["models"]["deployed"], "accuracy" if "accuracy" in rep["models"]["float"] else "mae"
-    print(
-        f"{rep['pipeline']}: mean bits {rep['plan']['mean_bits']:.3f}, deployed {d['flash_bytes']:,} B flash "
-        f"({d['storage']}, int8 {rep['models']['int8']['flash_bytes']:,} B), arena {d['arena_bytes']:,} B, "
-        f"TFLM {key} {d[key + '_tflm']:.4f} (float {rep['models']['float'][key]:.4f}) -> {args.out}"
-    )
-    if "board" in rep:
-        print(rep["board"]["message"])
+        rep = run(spec, opts, progress)
+    print(summary_line(rep.body, args.out))
+    if "board" in rep.body:
+        print(rep.body["board"]["message"])
     return 0
 
 
-DEFAULT_DECODE_BUDGET = 16 * 1024
-
-
-def decode_budget(text: str | None, board_name: str | None) -> int | None:
-    """--decode-budget: 'none' disables slicing; unset, a quarter of the board's free RAM (at most 16 KiB)."""
-    from deploy.slicing import parse_budget
-
-    if text is not None:
-        return None if text.lower() == "none" else parse_budget(text)
-    if board_name is None:
-        return DEFAULT_DECODE_BUDGET
-    from deploy.boards import load_board
-
-    board = load_board(board_name)
-    # The arena also holds activations and TFLM's own structures: a quarter of the RAM left after the
-    # stack allowance for the one decompressed slice, whole KiB, never above the 16 KiB default.
-    free = board.ram_bytes - board.stack_allowance_bytes
-    return max(1024, min(DEFAULT_DECODE_BUDGET, free // 4 // 1024 * 1024))
-
-
-def _search(args: argparse.Namespace, spec, opts) -> dict:
-    """The budget-driven search of deploy.sweep, with the command line's budgets and targets."""
-    from deploy.boards import parse_size
-    from deploy.sweep import budget_for, sweep
-
-    board = None
-    if args.board:
-        from deploy.boards import load_board
-
-        board = load_board(args.board)
-    flash = parse_size(args.flash_budget) if args.flash_budget else None
-    ram = parse_size(args.ram_budget) if args.ram_budget else None
-    try:
-        targets = tuple(float(t) for t in args.sweep_targets.split(","))
-    except ValueError as e:
-        raise EdgeqError(f"--sweep-targets {args.sweep_targets!r} is not a list of numbers like 2,3,4") from e
-    for t in targets:
-        check_target(t)
-    methods = tuple(m.strip() for m in args.sweep_methods.split(",") if m.strip())
-    return sweep(
-        spec,
-        opts,
-        targets=targets,
-        methods=methods,
-        budget=budget_for(board, flash, ram),
-        max_accuracy_drop=args.max_accuracy_drop,
-        workers=args.workers,
+def summary_line(body: dict, out: str) -> str:
+    """The one line a run prints when it is done."""
+    d, key = body["models"]["deployed"], "accuracy" if "accuracy" in body["models"]["float"] else "mae"
+    return (
+        f"{body['pipeline']}: mean bits {body['plan']['mean_bits']:.3f}, "
+        f"deployed {d['flash_bytes']:,} B flash "
+        f"({d['storage']}, int8 {body['models']['int8']['flash_bytes']:,} B), arena {d['arena_bytes']:,} B, "
+        f"TFLM {key} {d[key + '_tflm']:.4f} (float {body['models']['float'][key]:.4f}) -> {out}"
     )
 
 
@@ -120,6 +137,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per job."""
+    from deploy.boards import KERNEL_SETS
+    from deploy.storage import AUTO, STORAGES
+    from deploy.storage import choices as storage_choices
+    from edgeq.allocators import ALLOCATORS
+
     p = argparse.ArgumentParser(
         prog="edgeq",
         description="Uncertainty-driven mixed-precision quantization of Keras models for TFLite Micro.",
@@ -143,12 +165,24 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--method",
-        choices=("qiu", "qinu", "rb", "uniform"),
+        choices=tuple(ALLOCATORS),
         default=None,
-        help="bit allocation: Quantile Inform uniform/quantile, Random Bits, or uniform bits",
+        help="bit allocation (default: the pipeline's): "
+        + "; ".join(f"{a.name} = {a.label}" for a in ALLOCATORS.values()),
     )
     r.add_argument(
-        "--storage", default="auto", help="weight storage: int8, int4, lut or auto (smallest flash)"
+        "--storage",
+        default=AUTO,
+        choices=storage_choices(),
+        help="weight storage: "
+        + "; ".join(f"{k.name} = {k.description}" for k in STORAGES.values())
+        + "; auto = the smallest verified one",
+    )
+    r.add_argument(
+        "--kernels",
+        choices=KERNEL_SETS,
+        default=None,
+        help="the TFLM kernel set the firmware links (default: the board's; reference without a board)",
     )
     r.add_argument(
         "--data", default=None, help="a local .npz (x_train, y_train, x_test, y_test) for the pipeline"

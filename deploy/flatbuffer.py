@@ -7,18 +7,23 @@ Parsing uses the schema bindings that ship with tflite-micro (``schema_py_genera
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+from tflite_micro.tensorflow.lite.micro.compression.decode import DecodeCommonMetadata, DecodeType
+from tflite_micro.tensorflow.lite.micro.compression.decode_insert import DECODE_CUSTOM_OP_NAME
+from tflite_micro.tensorflow.lite.micro.python.schema_py_generated import TensorType
 
 from edgeq.errors import EdgeqError
 
 # The custom code tflite_micro.compression's decode_insert gives the DECODE operator.
-DECODE_OP = "TFLM_DECODE"
-# DECODE Common Metadata (tflite_micro.compression.decode): 16-byte header before the value tables.
-_DCM_SIZE = 16
-_DCM_LUT = 0
+DECODE_OP = DECODE_CUSTOM_OP_NAME
+# DECODE Common Metadata: the 16-byte header before each decode type's own data.
+_DCM_SIZE = DecodeCommonMetadata.SIZE
+_DCM_LUT = DecodeType.LUT.code
+INT8, INT4 = TensorType.INT8, TensorType.INT4
+# The operators whose second input is a constant weight tensor that edgeq stores.
+WEIGHT_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
 # LUT ancillary byte 5: bits 7-4 axis, 15 meaning one table for the whole tensor (lut.LutAncillaryData).
 _LUT_PER_TENSOR_AXIS = 0xF
 
@@ -224,38 +229,10 @@ def _enum_names(enum_cls) -> dict[int, str]:
 
 
 def _parse(model_bytes: bytes, label: str = "the model"):
-    """The schema's ModelT for model_bytes, or FlatbufferError saying why not."""
-    hint = "; pass a .tflite written by the TFLite converter"
-    if not isinstance(model_bytes, (bytes, bytearray, memoryview)):
-        raise FlatbufferError(f"{label} is not a TFLite flatbuffer (got {type(model_bytes).__name__}){hint}")
-    buf = bytes(model_bytes)
-    if len(buf) < 8:
-        raise FlatbufferError(f"{label} is not a TFLite flatbuffer (only {len(buf)} bytes){hint}")
-    # Checked first: the schema reader happily "parses" all-zero or random bytes into an empty model.
-    if buf[4:8] != b"TFL3":
-        raise FlatbufferError(
-            f"{label} is not a TFLite flatbuffer (no TFL3 identifier at bytes 4-7: {buf[4:8]!r}){hint}"
-        )
-    root = struct.unpack_from("<I", buf, 0)[0]
-    if root >= len(buf):
-        raise FlatbufferError(
-            f"{label} is not a TFLite flatbuffer (root offset {root} past the end; truncated?){hint}"
-        )
-    try:
-        fb = _schema().ModelT.InitFromPackedBuf(buf, 0)
-    except Exception as e:  # the generated reader raises struct.error/IndexError/ValueError on bad offsets
-        raise FlatbufferError(
-            f"{label} is not a TFLite flatbuffer (truncated or corrupt: {type(e).__name__}: {e}){hint}"
-        ) from e
-    if not fb.subgraphs:
-        raise FlatbufferError(f"{label} is not a TFLite flatbuffer (no subgraphs){hint}")
-    for b in fb.buffers or []:
-        # Models over 2 GB keep buffer data after the flatbuffer, addressed by offset/size.
-        if b.offset and b.offset > 1 and b.offset + b.size > len(buf):
-            raise FlatbufferError(
-                f"{label} is not a TFLite flatbuffer (buffer data past the end; truncated?){hint}"
-            )
-    return fb
+    """The schema's ModelT for model_bytes, or FlatbufferError saying why not (deploy.verify's checks)."""
+    from deploy.verify import parse_verified
+
+    return parse_verified(model_bytes, label)
 
 
 def check_flatbuffer(model_bytes: bytes, label: str = "the model") -> None:
@@ -264,16 +241,10 @@ def check_flatbuffer(model_bytes: bytes, label: str = "the model") -> None:
 
 
 def _opcode_names(fb) -> list[str]:
-    names = _enum_names(_schema().BuiltinOperator)
-    out = []
-    for oc in fb.operatorCodes or []:
-        if oc.customCode is not None:
-            out.append(oc.customCode.decode() if isinstance(oc.customCode, bytes) else str(oc.customCode))
-            continue
-        # Pre-2.3 files only fill deprecated_builtin_code; TFLite itself takes the larger of the two.
-        code = max(int(oc.builtinCode or 0), int(oc.deprecatedBuiltinCode or 0))
-        out.append(names.get(code, f"BUILTIN_{code}"))
-    return out
+    from deploy.verify import opcode_name
+
+    # Pre-2.3 files only fill deprecated_builtin_code; opcode_name takes the larger of the two, as TFLite.
+    return [opcode_name(oc) for oc in fb.operatorCodes or []]
 
 
 def operators(model_bytes: bytes) -> list[str]:
@@ -309,6 +280,14 @@ def unpack_int4(raw: bytes, count: int) -> np.ndarray:
     vals[1::2] = (b >> 4).astype(np.int8)
     vals[vals > 7] -= 16
     return vals[:count]
+
+
+def pack_int4(vals: np.ndarray) -> bytes:
+    """TFLite's packed INT4 (low nibble first) from int8 values in -8..7: the inverse of unpack_int4."""
+    v = (vals.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if v.size % 2:
+        v = np.append(v, np.uint8(0))
+    return (v[0::2] | (v[1::2] << 4)).astype(np.uint8).tobytes()
 
 
 def _buffer_bytes(fb, model: bytes, idx: int) -> bytes:
@@ -462,3 +441,121 @@ def describe(model_bytes: bytes) -> ModelInfo:
         inputs=[int(i) for i in (main.inputs if main.inputs is not None else [])],
         outputs=[int(i) for i in (main.outputs if main.outputs is not None else [])],
     )
+
+
+# -- Editing: tflite_micro's model_editor (what the compressor itself reads and writes) ---------------
+
+
+def read(model_bytes: bytes):
+    """The model as tflite_micro's editable model_editor.Model."""
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+
+    return model_editor.read(bytes(model_bytes))
+
+
+def weight_inputs(model) -> list[tuple[object, str]]:
+    """(tensor, op name) for every constant weight input of a conv/dense operator of a model_editor.Model."""
+    seen, out = set(), []
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            name = _editor_op_name(model, op)
+            if name not in WEIGHT_OPS or len(op.inputs) < 2:
+                continue
+            t = op.inputs[1]
+            if t is None or t.buffer is None or not len(t.buffer.data) or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out.append((t, name))
+    return out
+
+
+def _editor_op_name(model, op) -> str:
+    """A model_editor operator's name by the schema's rule (deploy.verify.opcode_name)."""
+    # model_editor's own opcode_name ignores deprecated_builtin_code, all that pre-2.3 files fill.
+    from deploy.verify import opcode_name
+
+    k = op.opcode_index
+    if k is None or not 0 <= k < len(model.operator_codes):
+        return op.opcode_name
+    return opcode_name(model.operator_codes[k]._fb)
+
+
+def tensor_values(t) -> np.ndarray:
+    """A model_editor weight tensor's integer values (INT4 unpacked), in its shape."""
+    count = int(np.prod(t.shape))
+    raw = bytes(t.buffer.data)
+    vals = unpack_int4(raw, count) if t.dtype == INT4 else np.frombuffer(raw, np.int8)[:count]
+    return vals.reshape(tuple(int(s) for s in t.shape))
+
+
+def is_per_channel(t) -> bool:
+    """True when a model_editor tensor carries one scale per channel."""
+    q = t.quantization
+    return q is not None and q.scales is not None and np.size(q.scales) > 1
+
+
+def channel_axis(t) -> int:
+    """The quantized dimension of a per-channel tensor (0 for per-tensor ones)."""
+    return int(t.quantization.axis or 0) if is_per_channel(t) else 0
+
+
+def max_distinct(vals: np.ndarray, per_channel: bool, axis: int = 0) -> int:
+    """Most distinct values in any LUT unit: the whole tensor, or each channel along axis."""
+    if not per_channel:
+        return int(np.unique(vals).size)
+    v = np.moveaxis(vals, axis, 0).reshape(vals.shape[axis], -1)
+    s = np.sort(v, axis=1)
+    return int(np.max(1 + np.count_nonzero(np.diff(s, axis=1), axis=1)))
+
+
+@dataclass(frozen=True)
+class WeightTensor:
+    """One constant weight tensor of a conv/dense operator as stored in the flatbuffer."""
+
+    index: int
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    stored_type: str  # INT8 or INT4
+    per_channel: bool
+    distinct: int  # most distinct values in any LUT unit (channel or whole tensor)
+    lut_bits: int | None = None  # index bits when a DECODE of some kind restores it
+
+    @classmethod
+    def of(cls, t, op: str, lut_bits: int | None = None) -> WeightTensor:
+        """The description of model_editor tensor t, the weight input of an op."""
+        pc = is_per_channel(t)
+        return cls(
+            index=int(t.index),
+            name=str(t.name or ""),
+            op=op,
+            shape=tuple(int(s) for s in t.shape),
+            stored_type="INT4" if t.dtype == INT4 else "INT8",
+            per_channel=pc,
+            distinct=max_distinct(tensor_values(t), pc, channel_axis(t)),
+            lut_bits=lut_bits,
+        )
+
+
+def weight_tensors(model_bytes: bytes) -> tuple[WeightTensor, ...]:
+    """The conv/dense weight tensors of a flatbuffer with their storage and distinct-value counts."""
+    return tuple(WeightTensor.of(t, op) for t, op in weight_inputs(read(model_bytes)))
+
+
+def unpack_int4_tensors(model_bytes: bytes) -> bytes:
+    """The same model with every INT4 weight tensor stored as INT8 (identical values)."""
+    model = read(model_bytes)
+    for t, _ in weight_inputs(model):
+        if t.dtype == INT4:
+            t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
+            t.dtype = INT8
+    return bytes(model.build())
+
+
+def strip_names(model_bytes: bytes) -> bytes:
+    """The same model without tensor names: TFLM never reads them; on small models they cost ~5% of flash."""
+    model = read(model_bytes)
+    for sg in model.subgraphs:
+        for t in sg.tensors:
+            t.name = ""
+    return bytes(model.build())

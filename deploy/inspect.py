@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.flatbuffer import check_flatbuffer, describe
-from deploy.tflm import RuntimeFailure, arena_bytes
+from deploy.flatbuffer import describe
+from deploy.sandbox import ModelNotRunnable, tflm_arena_isolated
+from deploy.verify import opcode_name, parse_verified, verify_tflite
 from edgeq.errors import EdgeqError
 
 _ITEMSIZE = {"INT8": 1, "UINT8": 1, "INT16": 2, "INT32": 4, "FLOAT32": 4, "INT64": 8, "BOOL": 1, "FLOAT16": 2}
@@ -16,12 +17,16 @@ _ITEMSIZE = {"INT8": 1, "UINT8": 1, "INT16": 2, "INT32": 4, "FLOAT32": 4, "INT64
 
 def op_sequence(model_bytes: bytes) -> list[tuple[str, list[int], list[int]]]:
     """(operator name, input tensor indices, output tensor indices) of subgraph 0, in execution order."""
-    from tflite_micro.tensorflow.lite.micro.compression import model_editor
-
-    sg = model_editor.read(bytes(model_bytes)).subgraphs[0]
+    fb = parse_verified(model_bytes)
+    # Names by the schema's rule (deprecated_builtin_code counts): model_editor reads builtin_code only.
+    names = [opcode_name(oc) for oc in fb.operatorCodes]
     return [
-        (op.opcode_name, [t.index for t in op.inputs if t is not None], [t.index for t in op.outputs])
-        for op in sg.operators
+        (
+            names[op.opcodeIndex],
+            [int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0],
+            [int(i) for i in (op.outputs if op.outputs is not None else []) if i >= 0],
+        )
+        for op in fb.subgraphs[0].operators
     ]
 
 
@@ -50,13 +55,15 @@ def inspect_model(path: Path) -> dict:
     if not path.is_file():
         raise EdgeqError(f"{path} does not exist; pass a .tflite file")
     data = path.read_bytes()
-    check_flatbuffer(data, label=str(path))
+    # Before anything reads further: TFLM's C reader trusts every offset and index in the file.
+    verify_tflite(data, label=str(path))
     info = describe(data)
     try:
-        arena: int | None = arena_bytes(data)
+        # In a child process: a file that still crashes TFLM costs one line (FlatbufferError), not edgeq.
+        arena: int | None = tflm_arena_isolated(data, label=str(path))
         arena_note = "TFLM recording allocator, one invoke"
-    except RuntimeFailure as e:
-        arena, arena_note = None, str(e)
+    except ModelNotRunnable as e:
+        arena, arena_note = None, e.reason
     tensors = []
     for t in info.tensors:
         row = asdict(t)

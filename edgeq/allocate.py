@@ -162,9 +162,9 @@ def quantile_inform(
     plan_bits = {n: int(pin[n]) for n in pin}
     plan_bits |= {names[i]: int(b) for i, b in zip(free, bits_free, strict=True)}
     layers = {p.name: _layer_bits(p, plan_bits[p.name], quantizer, scores[p.name]) for p in posteriors}
-    plan = BitPlan(layers, method="qiu" if quantizer == "uniform" else "qinu", meta=meta)
-    plan.meta["mean_bits"] = plan.mean_bits({p.name: p.size for p in posteriors})
-    return plan
+    sizes = {p.name: p.size for p in posteriors}
+    meta["mean_bits"] = BitPlan(layers).mean_bits(sizes)
+    return BitPlan(layers, method="qiu" if quantizer == "uniform" else "qinu", meta=meta)
 
 
 def _softmax(phi: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import tf_keras as keras
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import ModelError
+from edgeq.keras3 import to_tf_keras
 from edgeq.posterior import LayerPosterior
 
 tfd = tfp.distributions
@@ -91,6 +92,7 @@ def to_bayesian(
     init_sigma: float = 1e-3,
 ) -> keras.Model:
     """Bayesian twin of model: Dense/Conv2D become TFP variational layers, other layers keep weights."""
+    model = to_tf_keras(model)  # a Keras 3 model is rebuilt as tf_keras, which TFP needs
     if method not in METHODS:
         raise ModelError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if num_examples < 1:
@@ -143,6 +145,7 @@ def posteriors(bnn: keras.Model) -> list[LayerPosterior]:
 
 def to_deterministic(bnn: keras.Model, float_model: keras.Model) -> keras.Model:
     """M_det: a copy of float_model carrying the BNN's posterior means (and its other weights)."""
+    float_model = to_tf_keras(float_model)  # the Keras 3 model that to_bayesian was given
     det = keras.models.clone_model(float_model)
     for layer in det.layers:
         if not layer.weights:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import ModelError, PlanError
+from edgeq.keras3 import to_tf_keras
 from edgeq.plan import BitPlan
+from edgeq.posterior import LayerPosterior
 from edgeq.quantize_config import BitsQuantizeConfig, custom_objects
 
 qk = tfmot.quantization.keras
@@ -60,15 +64,9 @@ def project_weights(model: keras.Model, plan: BitPlan) -> keras.Model:
     return out
 
 
-def fold_batchnorm(model: keras.Model, skip: set[str] | frozenset[str] = frozenset()) -> keras.Model:
-    """A copy with every BatchNormalization folded into the Conv2D/Dense before it (BN becomes Identity).
-
-    TF-MOT folds BN only for layers carrying its own default config; with edgeq's per-layer configs the
-    converter would keep BN as MUL/ADD after each conv. Folding in Keras first (frozen BN statistics,
-    w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta) gives plain
-    convolutions whose folded weights are what QAT then quantizes. Layers in `skip` keep their BN.
-    """
-    pairs: dict[str, str] = {}  # BN name -> the layer folded into
+def _bn_pairs(model: keras.Model, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+    """BatchNormalization name -> the Conv2D/Dense it folds into (linear, sole consumer, not in skip)."""
+    pairs: dict[str, str] = {}
     for layer in model.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
@@ -81,6 +79,18 @@ def fold_batchnorm(model: keras.Model, skip: set[str] | frozenset[str] = frozens
             and src.get_config().get("activation") in ("linear", None)
         ):
             pairs[layer.name] = src.name
+    return pairs
+
+
+def fold_batchnorm(model: keras.Model, skip: set[str] | frozenset[str] = frozenset()) -> keras.Model:
+    """A copy with every BatchNormalization folded into the Conv2D/Dense before it (BN becomes Identity).
+
+    TF-MOT folds BN only for layers carrying its own default config; with edgeq's per-layer configs the
+    converter would keep BN as MUL/ADD after each conv. Folding in Keras first (frozen BN statistics,
+    w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta) gives plain
+    convolutions whose folded weights are what QAT then quantizes. Layers in `skip` keep their BN.
+    """
+    pairs = _bn_pairs(model, skip)
     if not pairs:
         return model
     folded_into = {conv: bn for bn, conv in pairs.items()}
@@ -199,18 +209,101 @@ def dense_as_conv(model: keras.Model) -> keras.Model:
     return out
 
 
+QAT_STARTS = ("float", "twin")
+
+
+def _non_uniform(plan: BitPlan) -> set[str]:
+    """Planned layers with their own levels (their BN stays unfolded: the levels fit unfolded weights)."""
+    return {n for n, lb in plan.layers.items() if lb.quantizer != "uniform" and lb.levels}
+
+
+def interval_ranges(
+    model: keras.Model, plan: BitPlan, posteriors: Sequence[LayerPosterior] = ()
+) -> dict[str, np.ndarray]:
+    """Each uniform planned layer's symmetric range minimising sum((Q(w) - w)**2 / sigma**2).
+
+    The paper's interval learning on the grid the converter stores (zero point 0, 2**(b-1) - 1 levels a side).
+
+    w is the kernel QAT will quantize: the model's, with any BatchNormalization folded in as quantize_model
+    folds it (sigma scales with the kernel). One range per output channel of a Conv2D or DepthwiseConv2D,
+    one for a Dense (the storage the converter gives them). A layer without a posterior gets the
+    unweighted squared error. Pass the result to quantize_model(ranges=...).
+    """
+    from edgeq.quantizers import symmetric_range
+
+    check_plan(model, plan)
+    sigmas = {p.name: p.sigma for p in posteriors}
+    folded_by = {conv: bn for bn, conv in _bn_pairs(model, skip=_non_uniform(plan)).items()}
+    out = {}
+    for name, lb in plan.layers.items():
+        if lb.quantizer != "uniform":
+            continue
+        layer = model.get_layer(name)
+        kernel = np.asarray(layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel)
+        kernel = kernel.astype(np.float64)
+        sigma = np.asarray(sigmas[name], dtype=np.float64).reshape(kernel.shape) if name in sigmas else None
+        if name in folded_by:
+            bn = model.get_layer(folded_by[name])
+            gamma, _, _, var = bn.get_weights()
+            scale = gamma / np.sqrt(var + bn.epsilon)  # per output channel, the last kernel axis
+            kernel = kernel * scale
+            sigma = None if sigma is None else sigma * np.abs(scale)
+        weights = None if sigma is None else 1.0 / sigma**2
+        out[name] = symmetric_range(kernel, lb.bits, weights, per_channel=QUANTIZABLE[type(layer)])
+    return out
+
+
+def prepare_qat(
+    twin: keras.Model,
+    float_model: keras.Model,
+    plan: BitPlan,
+    posteriors: Sequence[LayerPosterior],
+    *,
+    start: str = "float",
+    activation_bits: int = 8,
+    keep_dense: bool = False,
+) -> keras.Model:
+    """The QAT model of a plan: weights from the float model or the twin's means (`start`), grids fixed.
+
+    Uniform layers get interval_ranges (fitted to the starting weights, weighted by the twin's 1/sigma**2)
+    held fixed through QAT; their kernels are not projected first (the fake quant applies the same grid,
+    and snapping the latent weights onto it only costs QAT the sub-grid positions). Non-uniform layers
+    are projected onto their levels as before. twin is M_det (bayes.to_deterministic).
+    """
+    if start not in QAT_STARTS:
+        raise PlanError(f"unknown QAT start {start!r}; use one of {', '.join(QAT_STARTS)}")
+    src = float_model if start == "float" else twin
+    levelled = {n: plan.layers[n] for n in _non_uniform(plan)}
+    if levelled:
+        src = project_weights(src, BitPlan(levelled, method=plan.method))
+    ranges = interval_ranges(src, plan, posteriors)
+    return quantize_model(src, plan, activation_bits=activation_bits, keep_dense=keep_dense, ranges=ranges)
+
+
 def quantize_model(
-    model: keras.Model, plan: BitPlan, *, activation_bits: int = 8, keep_dense: bool = False
+    model: keras.Model,
+    plan: BitPlan,
+    *,
+    activation_bits: int = 8,
+    keep_dense: bool = False,
+    ranges: Mapping[str, np.ndarray | float] | None = None,
 ) -> keras.Model:
     """QAT model: planned layers get their plan's bits, other supported layers TF-MOT's default 8 bits.
 
     BatchNormalization after a planned conv/dense is folded into it first (see fold_batchnorm); every
     Dense on a vector then becomes a 1x1 Conv2D of the same name (see dense_as_conv) unless keep_dense:
     FULLY_CONNECTED saves TFLM 8 B of arena per output unit and ~30 B of flash per operator, but TFLM
-    and LiteRT then differ by up to 1 LSB.
+    and LiteRT then differ by up to 1 LSB. `ranges` (layer -> symmetric range per output channel of a
+    conv, one for a dense; see interval_ranges) fixes those uniform layers' grids through QAT; the other
+    uniform layers get TF-MOT's LastValueQuantizer, whose range is max|w| at every step.
     """
+    model = to_tf_keras(model)  # a Keras 3 model is rebuilt as tf_keras, which TF-MOT needs
     check_plan(model, plan)
-    non_uniform = {n for n, lb in plan.layers.items() if lb.quantizer != "uniform" and lb.levels}
+    ranges = dict(ranges or {})
+    unknown = sorted(set(ranges) - {n for n, lb in plan.layers.items() if lb.quantizer == "uniform"})
+    if unknown:
+        raise PlanError(f"ranges given for {unknown}, which are not uniform layers of the plan")
+    non_uniform = _non_uniform(plan)
     was_dense = {layer.name for layer in model.layers if type(layer) is keras.layers.Dense}
     model = fold_batchnorm(model, skip=non_uniform)  # levels were fitted to the unfolded weights
     if not keep_dense:
@@ -225,7 +318,9 @@ def quantize_model(
             # A former Dense stays per-tensor: per-channel scales and zero points for its weights and
             # bias cost ~24 B per output unit of flash (digits: +1.9 KB on 17.6 KB).
             per_axis = QUANTIZABLE[type(layer)] and layer.name not in was_dense
-            cfg = BitsQuantizeConfig(lb.bits, per_axis, activation_bits, levels=levels)
+            cfg = BitsQuantizeConfig(
+                lb.bits, per_axis, activation_bits, levels=levels, ranges=ranges.get(layer.name)
+            )
             return qk.quantize_annotate_layer(layer, cfg)
         if registry.supports(layer):
             return qk.quantize_annotate_layer(layer)

@@ -32,6 +32,7 @@ class PipelineSpec:
     max_bits: int = 8
     method: str = "qiu"
     pin: dict[str, int] = field(default_factory=dict)
+    pretrained: bool = False  # the model comes trained: the float stage only evaluates it
 
     def with_epochs(self, n: int) -> PipelineSpec:
         """The same pipeline with every training stage capped at n epochs (smoke runs, tests)."""

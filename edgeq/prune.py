@@ -10,6 +10,7 @@ import tf_keras as keras
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import EdgeqError, ModelError
+from edgeq.keras3 import to_tf_keras
 from edgeq.posterior import LayerPosterior
 
 POLICIES = ("magnitude", "informativeness")
@@ -104,6 +105,7 @@ def prune_model(
     and call `strip(model)` after. informativeness: returns (model with masks applied, KeepMasks callback)
     to pass to fit so the pruned weights stay zero.
     """
+    model = to_tf_keras(model)  # a Keras 3 model is rebuilt as tf_keras, which TF-MOT needs
     _check_sparsity(sparsity)
     if policy not in POLICIES:
         raise PruningError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")

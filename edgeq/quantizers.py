@@ -133,3 +133,126 @@ def quantize(x: np.ndarray, layer_bits: LayerBits) -> np.ndarray:
             f"store 1..{2**bits} finite levels (rebuild the plan with edgeq.allocate)"
         )
     return _project(x, levels)
+
+
+# --- Symmetric narrow-range grids: what TF-MOT's fake quant and the TFLite converter store --------------
+#
+# A b-bit tensor (or channel) converts to integers in [-n, n], n = 2**(b-1) - 1, times one scale s = r / n
+# (zero point 0): at 2 bits that is {-r, 0, +r}. The range r is the only free parameter, and it decides the
+# accuracy: max|w| wastes levels on outliers, a fixed percentile ignores how much each weight matters.
+
+
+def _levels_half(bits: int) -> int:
+    """n = 2**(bits-1) - 1: the positive levels of a b-bit symmetric narrow-range grid."""
+    bits = _check_bits(bits)
+    if bits < 2:
+        raise PlanError(f"a symmetric narrow-range grid needs at least 2 bits, got {bits}; use 2..8")
+    return 2 ** (bits - 1) - 1
+
+
+def _columns(x: np.ndarray, per_channel: bool) -> np.ndarray:
+    """x as (values, channels): channels along the last axis (TF-MOT's per_axis), or one column."""
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(-1, x.shape[-1]) if per_channel and x.ndim > 0 else x.reshape(-1, 1)
+
+
+def symmetric_uniform(
+    x: np.ndarray, bits: int, r: np.ndarray | float, *, per_channel: bool = False
+) -> np.ndarray:
+    """Q(x) = s * clip(round(x / s), -n, n) with s = r / n per channel (last axis) or per tensor."""
+    n = _levels_half(bits)
+    x = np.asarray(x, dtype=np.float64)
+    r = np.asarray(r, dtype=np.float64)
+    if not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise PlanError("symmetric ranges must be finite and >= 0; fit them with symmetric_range")
+    s = r / n  # broadcasts along the last axis when per channel
+    safe = np.where(s > 0, s, 1.0)
+    return np.where(s > 0, safe * np.clip(np.rint(x / safe), -n, n), 0.0)
+
+
+def weighted_error(
+    x: np.ndarray,
+    bits: int,
+    r: np.ndarray | float,
+    weights: np.ndarray | None = None,
+    *,
+    per_channel: bool = False,
+) -> np.ndarray:
+    """sum(weights * (Q(x) - x)**2) per channel (or one value) for the symmetric grid of range r."""
+    q = symmetric_uniform(x, bits, r, per_channel=per_channel)
+    w = np.ones_like(q) if weights is None else np.asarray(weights, dtype=np.float64)
+    return (_columns(w * (q - np.asarray(x, dtype=np.float64)) ** 2, per_channel)).sum(axis=0)
+
+
+def _errors_for(
+    key: np.ndarray, prefix: tuple[np.ndarray, ...], n: int, t: np.ndarray, count: int
+) -> np.ndarray:
+    """Weighted error of each candidate level spacing t (channels, candidates) on |x| / max|x| (exact).
+
+    The values of channel c are sorted in key[c * count:(c + 1) * count] offset by 2c, so one searchsorted
+    finds every cell boundary (k + 1/2) t of every channel at once; prefix sums of w, w u and w u^2 then
+    give each cell's error sum w (u - k t)^2 = S2 - 2 k t S1 + k^2 t^2 S0 without touching the values again.
+    """
+    p0, p1, p2 = prefix  # (channels, count + 1) each
+    chans, cands = t.shape
+    k = np.arange(n + 1, dtype=np.float64)
+    bounds = (k[:-1] + 0.5) * t[..., None]  # (channels, candidates, n)
+    offset = 2.0 * np.arange(chans, dtype=np.float64)[:, None, None]
+    idx = np.searchsorted(key, bounds + offset, side="left") - count * np.arange(chans)[:, None, None]
+    edges = np.concatenate(
+        [np.zeros((chans, cands, 1), np.int64), idx, np.full((chans, cands, 1), count, np.int64)], axis=2
+    ).reshape(chans, -1)
+
+    def cells(p: np.ndarray) -> np.ndarray:
+        at = np.take_along_axis(p, edges, axis=1).reshape(chans, cands, n + 2)
+        return np.diff(at, axis=2)  # (channels, candidates, n + 1): sum over level k's cell
+
+    s0, s1, s2 = cells(p0), cells(p1), cells(p2)
+    kt = k * t[..., None]
+    return (s2 - 2.0 * kt * s1 + kt**2 * s0).sum(axis=2)
+
+
+def symmetric_range(
+    x: np.ndarray,
+    bits: int,
+    weights: np.ndarray | None = None,
+    *,
+    per_channel: bool = False,
+    candidates: int = 128,
+) -> np.ndarray:
+    """Range r minimising sum(weights * (Q(x) - x)**2) on the symmetric b-bit grid; shape (channels,) or ().
+
+    The paper's interval learning with weights = 1 / sigma**2: weights the posterior is sure of are held
+    close, uncertain ones may be clipped or zeroed. r is searched in two passes over r / max|x| (a coarse
+    grid of `candidates` points, then as many around the best), each candidate's error exact (_errors_for).
+    A channel of zeros gets r = 0, which symmetric_uniform maps to zeros.
+    """
+    n = _levels_half(bits)
+    cols = _columns(x, per_channel)
+    if cols.size == 0 or not np.all(np.isfinite(cols)):
+        raise PlanError("symmetric_range needs a non-empty array of finite values")
+    if weights is None:
+        w = np.ones_like(cols)
+    else:
+        w = _columns(np.broadcast_to(np.asarray(weights, dtype=np.float64), np.shape(x)), per_channel)
+        if not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise PlanError("symmetric_range weights must be positive and finite (e.g. 1 / sigma**2)")
+    if int(candidates) != candidates or candidates < 2:
+        raise PlanError(f"candidates must be an integer >= 2, got {candidates!r}")
+    count, chans = cols.shape
+    m = np.abs(cols).max(axis=0)
+    u = np.abs(cols) / np.where(m > 0, m, 1.0)  # in [0, 1]: one candidate grid serves every channel
+    order = np.argsort(u, axis=0, kind="stable")
+    u, w = np.take_along_axis(u, order, axis=0).T, np.take_along_axis(w, order, axis=0).T
+    key = (u + 2.0 * np.arange(chans)[:, None]).ravel()
+    zero = np.zeros((chans, 1))
+    prefix = tuple(np.concatenate([zero, np.cumsum(v, axis=1)], axis=1) for v in (w, w * u, w * u * u))
+
+    # Pass 1: r / max|x| on (0, 1]; pass 2: the same number of points across the best cell's neighbours.
+    alpha = np.broadcast_to(np.arange(1, candidates + 1) / candidates, (chans, candidates))
+    best = alpha[0, np.argmin(_errors_for(key, prefix, n, alpha / n, count), axis=1)]
+    step = 1.0 / candidates
+    fine = np.clip(best[:, None] + np.linspace(-step, step, candidates)[None, :], step / candidates, 1.0)
+    err = _errors_for(key, prefix, n, fine / n, count)
+    r = fine[np.arange(chans), np.argmin(err, axis=1)] * m
+    return r if per_channel else r.reshape(())

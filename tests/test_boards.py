@@ -6,7 +6,6 @@ import pytest
 
 from deploy.boards import (
     FLASH_TOOLS,
-    TEMPLATE_FLAVOURS,
     Board,
     BoardError,
     fit_check,
@@ -14,6 +13,7 @@ from deploy.boards import (
     load_board,
     parse_size,
 )
+from deploy.firmware import FLAVOURS
 from edgeq.errors import EdgeqError
 
 EXPECTED = {
@@ -37,7 +37,7 @@ def test_every_profile_loads_and_is_sane(name):
     assert isinstance(b, Board) and b.name == name
     assert (b.flash_bytes, b.ram_bytes, b.clock_hz, b.core) == EXPECTED[name]
     assert 0 < b.firmware_allowance_bytes < b.flash_bytes and 0 < b.stack_allowance_bytes < b.ram_bytes
-    assert b.templates and set(b.templates) <= set(TEMPLATE_FLAVOURS)
+    assert b.templates and set(b.templates) <= set(FLAVOURS)
     assert b.flash_tool in FLASH_TOOLS and any("{image}" in a for a in b.flash_args)
 
 

@@ -1,4 +1,4 @@
-"""deploy.carrays: the C arrays hold exactly the .tflite and compile with host and Cortex-M compilers."""
+"""deploy.export.carrays: the C arrays hold exactly the .tflite and compile for the host and Cortex-M."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from deploy.carrays import CArrayError, c_identifier, model_symbol, parse_c_array, write_c_arrays
+from deploy.export.carrays import CArrayError, c_identifier, model_symbol, parse_c_array, write_c_arrays
 from deploy.flatbuffer import FlatbufferError
 
 ARM_GXX = shutil.which("arm-none-eabi-g++")

@@ -17,7 +17,7 @@ N = 30
 
 
 def _host_accuracy(build, n=N) -> float:
-    from deploy.tflm import run_tflm
+    from deploy.measure.tflm import run_tflm
 
     d = np.load(build / "test_data.npz")
     out = run_tflm((build / "model.tflite").read_bytes(), d["x"][:n])

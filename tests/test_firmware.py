@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from deploy.boards import load_board
-from deploy.carrays import write_c_arrays
+from deploy.export.carrays import write_c_arrays
 from deploy.firmware import (
     PROTOCOL_FILES,
     TEMPLATES,
@@ -20,7 +20,7 @@ from deploy.firmware import (
     render_firmware,
 )
 from deploy.flatbuffer import UnsupportedOperator, operators, resolver_calls
-from deploy.tflm import arena_bytes, io_quant, tflm_interpreter
+from deploy.measure.tflm import arena_bytes, io_quant, tflm_interpreter
 
 ARM_GXX = shutil.which("arm-none-eabi-g++")
 CMAKE = shutil.which("cmake")
@@ -129,7 +129,7 @@ def test_main_cc_matches_the_model(project, tiny_tflite):
 
 
 def test_embedded_arrays_are_the_model(project, tiny_tflite):
-    from deploy.carrays import parse_c_array
+    from deploy.export.carrays import parse_c_array
 
     for rel in ("model_data.cc", "zephyr/src/model_data.cc", "arduino/tiny_digits/model_data.cpp"):
         assert parse_c_array((project / rel).read_text()) == tiny_tflite

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.carrays import write_c_arrays
+from deploy.export.carrays import write_c_arrays
 from deploy.firmware import render_firmware
-from deploy.tflm import arena_bytes, io_quant, tflm_interpreter
+from deploy.measure.tflm import arena_bytes, io_quant, tflm_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 TFLM_ROOT = os.environ.get("TFLM_ROOT", "")

@@ -93,7 +93,7 @@ def test_describe_int4_unpacks_nibbles(tiny_tflite):
     assert t.bytes_stored == math.ceil(vals.size / 2)
     assert t.distinct_values == np.unique(vals).size
     # TFLM itself runs the INT4 model: the flatbuffer we made and read is a real one.
-    from deploy.tflm import run_tflm
+    from deploy.measure.tflm import run_tflm
 
     assert run_tflm(model, np.zeros((1, 8, 8, 1), np.float32)).shape == (1, 10)
 
@@ -122,7 +122,7 @@ def test_describe_lut_compressed(lut_model):
 
 
 def test_lut_model_runs_in_tflm(lut_model):
-    from deploy.tflm import run_tflm
+    from deploy.measure.tflm import run_tflm
 
     assert run_tflm(lut_model[0], np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 10)
 

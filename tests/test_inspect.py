@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_inspect_reports_what_tflm_measures(tiny_build):
-    from deploy.tflm import arena_bytes
+    from deploy.measure.tflm import arena_bytes
 
     path = tiny_build / "model.tflite"
     d = inspect_model(path)

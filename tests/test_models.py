@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from deploy import flatbuffer
 from edgeq import models
 
 # (builder, input shape, outputs, total parameters, trainable parameters). Published figures:
@@ -99,7 +100,7 @@ def test_resnet8_uniform_4bit_qat_exports_int4():
 
     from deploy import export
     from deploy.inspect import op_sequence
-    from deploy.tflm import dequantize, io_quant, run_tflm, tflm_interpreter
+    from deploy.measure.tflm import dequantize, io_quant, run_tflm, tflm_interpreter
     from edgeq.optimize import quantize_model, weight_layers
     from edgeq.plan import BitPlan
 
@@ -115,7 +116,7 @@ def test_resnet8_uniform_4bit_qat_exports_int4():
 
     ops = Counter(op for op, _, _ in op_sequence(tflite))
     assert ops["CONV_2D"] == 9 + 1 and "FULLY_CONNECTED" not in ops  # the classifier runs as a 1x1 conv
-    tensors = export.weight_tensors(tflite)
+    tensors = flatbuffer.weight_tensors(tflite)
     assert len(tensors) == 10
     assert all(t.stored_type == "INT4" and t.distinct <= 15 for t in tensors)
     # The integer model computes what the QAT model does.

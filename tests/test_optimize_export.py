@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deploy import export
-from deploy.tflm import run_tflm
+from deploy import export, flatbuffer, storage
+from deploy.measure.tflm import run_tflm
+from deploy.storage import lut
 from edgeq.errors import ModelError, PlanError
 from edgeq.optimize import quantize_model, weight_layers
 from edgeq.plan import BitPlan
@@ -32,7 +33,7 @@ def test_weight_layers_counts_kernels(tiny_keras):
 
 def test_bits_reach_the_flatbuffer(converted):
     model, plan = converted
-    tensors = {t.op + str(t.shape): t for t in export.weight_tensors(model)}
+    tensors = {t.op + str(t.shape): t for t in flatbuffer.weight_tensors(model)}
     # Dense layers deploy as 1x1 convolutions (edgeq.optimize.dense_as_conv): no FULLY_CONNECTED left.
     assert {t.op for t in tensors.values()} == {"CONV_2D"}
     conv = next(t for t in tensors.values() if t.shape == (8, 3, 3, 1))
@@ -50,7 +51,7 @@ def test_bits_reach_the_flatbuffer(converted):
 def test_storage_variants_compute_the_same(converted, digits):
     model, _ = converted
     x, _ = digits
-    chosen, variants = export.choose_storage(model, "auto", x[-150:])
+    chosen, variants = storage.choose(model, "auto", x[-150:])
     assert {v.kind for v in variants} == {"int4", "lut"}
     assert len(chosen.model) == min(len(v.model) for v in variants)
     ref = run_tflm(model, x[-150:])
@@ -58,14 +59,14 @@ def test_storage_variants_compute_the_same(converted, digits):
         np.testing.assert_array_equal(run_tflm(v.model, x[-150:]), ref)
     lut = next(v for v in variants if v.kind == "lut")
     assert {t.lut_bits for t in lut.tensors} == {3, 4, 6}
-    plain, _ = export.choose_storage(model, "int8", x[-20:])
+    plain, _ = storage.choose(model, "int8", x[-20:])
     assert all(t.stored_type == "INT8" for t in plain.tensors)
     assert len(plain.model) > len(model)
 
 
 def test_unpack_int4_matches_reference_nibbles():
     # 0x21 -> low nibble 1, high nibble 2; 0xF8 -> low 8 (-8), high 15 (-1)
-    got = export.unpack_int4_values(bytes([0x21, 0xF8]), 4)
+    got = flatbuffer.unpack_int4(bytes([0x21, 0xF8]), 4)
     np.testing.assert_array_equal(got, np.array([1, 2, -8, -1], np.int8))
 
 
@@ -76,40 +77,42 @@ def test_bad_plans(tiny_keras):
         quantize_model(tiny_keras, BitPlan.from_bits({"flatten": 4}))
     with pytest.raises(PlanError, match="2..8"):
         quantize_model(tiny_keras, BitPlan.from_bits({"fc1": 1}))
-    with pytest.raises(export.ExportError, match="storage"):
-        export.choose_storage(b"", "zip", np.zeros((1, 8, 8, 1)))
+    with pytest.raises(storage.StorageError, match="storage"):
+        storage.choose(b"", "zip", np.zeros((1, 8, 8, 1)))
 
 
 def test_alt_decompression_memory_takes_the_decoded_weights(converted, digits):
     from deploy.measure import alt_decompression_size
-    from deploy.tflm import arena_bytes
+    from deploy.measure.tflm import arena_bytes
 
     model, _ = converted
     x, _ = digits
-    lut = export.lut_compress(model).model
-    alt = alt_decompression_size(lut)
+    stored = lut.build(model).model
+    alt = alt_decompression_size(stored)
     assert alt >= 288 * 32  # the largest decoded weight tensor (fc1, int8)
-    in_arena = arena_bytes(lut)
-    total_with_alt = arena_bytes(lut, alt_decompression=alt)
+    in_arena = arena_bytes(stored)
+    total_with_alt = arena_bytes(stored, alt_decompression=alt)
     assert total_with_alt - alt < in_arena  # the main arena no longer holds decoded weights
-    np.testing.assert_array_equal(run_tflm(lut, x[-50:], alt_decompression=alt), run_tflm(lut, x[-50:]))
+    np.testing.assert_array_equal(
+        run_tflm(stored, x[-50:], alt_decompression=alt), run_tflm(stored, x[-50:])
+    )
     assert alt_decompression_size(model) == 0
 
 
 def test_auto_storage_weighs_flash_against_an_arena_limit(converted, digits):
-    from deploy.tflm import arena_bytes
+    from deploy.measure.tflm import arena_bytes
 
     model, _ = converted
     x, _ = digits
-    _, variants = export.choose_storage(model, "auto", x[-20:])
+    _, variants = storage.choose(model, "auto", x[-20:])
     arenas = {v.kind: arena_bytes(v.model) for v in variants}
     flashes = {v.kind: len(v.model) for v in variants}
     smallest_arena = min(arenas, key=arenas.get)
     limit = arenas[smallest_arena]
-    chosen, _ = export.choose_storage(model, "auto", x[-20:], arena_limit=limit)
+    chosen, _ = storage.choose(model, "auto", x[-20:], arena_limit=limit)
     fitting = [k for k in arenas if arenas[k] <= limit]
     assert chosen.kind == min(fitting, key=flashes.get)
-    impossible, _ = export.choose_storage(model, "auto", x[-20:], arena_limit=1)
+    impossible, _ = storage.choose(model, "auto", x[-20:], arena_limit=1)
     assert impossible.kind == smallest_arena
 
 
@@ -128,8 +131,8 @@ def test_non_uniform_levels_survive_qat_and_reach_lut_bits(tiny_keras, digits):
     qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x[:512], y[:512], epochs=1, verbose=0)
     tflite = export.convert(bake_levels(qat), x[:100])
-    lut = export.lut_compress(tflite)
-    by_size = {int(np.prod(t.shape)): t for t in lut.tensors}
+    stored = lut.build(tflite)
+    by_size = {int(np.prod(t.shape)): t for t in stored.tensors}
     for name, lb in plan.layers.items():
         t = by_size[int(np.prod(tiny_keras.get_layer(name).get_weights()[0].shape))]
         values = len(lb.levels)
@@ -201,7 +204,7 @@ def test_dense_as_conv_is_exact_keeps_names_and_shares_nothing():
 def test_deployed_dense_layers_agree_bit_for_bit_with_litert(converted, digits):
     """TFLM and LiteRT's reference kernels give identical int8 outputs on the QAT model."""
     from deploy.measure import check_litert
-    from deploy.tflm import run_tflm as tflm
+    from deploy.measure.tflm import run_tflm as tflm
 
     model, _ = converted
     x, y = digits
@@ -217,6 +220,6 @@ def test_keep_dense_deploys_fully_connected(tiny_keras, digits):
     qat = quantize_model(tiny_keras, BitPlan.from_bits({"conv1": 4, "fc1": 4, "fc2": 8}), keep_dense=True)
     qat.compile(keras.optimizers.Adam(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x[:256], y[:256], epochs=1, verbose=0)  # sets the quantizer ranges
-    tensors = export.weight_tensors(export.convert(qat, x[:100]))
+    tensors = flatbuffer.weight_tensors(export.convert(qat, x[:100]))
     fc1 = next(t for t in tensors if t.shape == (32, 288))
     assert fc1.op == "FULLY_CONNECTED" and fc1.stored_type == "INT4" and not fc1.per_channel

@@ -94,13 +94,13 @@ def test_report_shape_and_claims(run_dir):
 
 
 def test_c_array_holds_exactly_the_deployed_model(run_dir):
-    from deploy.carrays import parse_c_array
+    from deploy.export.carrays import parse_c_array
 
     assert parse_c_array((run_dir / "model_data.cc").read_text()) == (run_dir / "model.tflite").read_bytes()
 
 
 def test_deployed_accuracy_is_measured_in_tflm(run_dir):
-    from deploy.tflm import run_tflm
+    from deploy.measure.tflm import run_tflm
 
     rep = json.loads((run_dir / "report.json").read_text())
     data = np.load(run_dir / "test_data.npz")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deploy import export
+from deploy import export, flatbuffer
 from edgeq import bayes, prune
 from edgeq.optimize import quantize_model
 from edgeq.plan import BitPlan
@@ -52,8 +52,8 @@ def test_informativeness_sparsity_survives_qat_and_conversion(tiny_keras, digits
     qat.compile(keras.optimizers.Adam(1e-3), _loss())
     qat.fit(x[:512], y[:512], epochs=1, verbose=0, callbacks=[keep])
     tflite = export.convert(qat, x[:100])
-    fc1 = next(t for t in export.weight_tensors(tflite) if t.shape == (32, 1, 1, 288))  # a 1x1 conv now
-    vals = export._values(
+    fc1 = next(t for t in flatbuffer.weight_tensors(tflite) if t.shape == (32, 1, 1, 288))  # a 1x1 conv now
+    vals = flatbuffer.tensor_values(
         next(t for t, _ in export._weights(export._read(tflite)) if int(t.index) == fc1.index)
     )
     assert np.sum(vals == 0) >= int(np.floor(0.7 * vals.size))  # the masked weights quantize to exactly 0

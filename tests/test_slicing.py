@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deploy import export, slicing
-from deploy.tflm import arena_bytes, run_tflm
+from deploy import export, flatbuffer
+from deploy.export import slicing
+from deploy.measure.tflm import arena_bytes, run_tflm
+from deploy.storage import lut
 from edgeq.optimize import quantize_model
 from edgeq.plan import BitPlan
 
@@ -64,12 +66,12 @@ def test_sliced_model_is_bit_exact_and_within_budget(fixture, budget, request, d
     assert res.sliced, "the test budget must force slicing"
     assert all(r.largest_slice_bytes <= budget for r in res.rows if not r.warning)
     # every weight tensor actually in the sliced flatbuffer fits the budget
-    assert all(int(np.prod(t.shape)) <= budget for t in export.weight_tensors(res.model))
+    assert all(int(np.prod(t.shape)) <= budget for t in flatbuffer.weight_tensors(res.model))
     ref = run_tflm(model, x)
     np.testing.assert_array_equal(run_tflm(res.model, x), ref)
-    lut = export.lut_compress(res.model)
-    assert lut.kind == "lut"
-    np.testing.assert_array_equal(run_tflm(lut.model, x), ref)
+    stored = lut.build(res.model)
+    assert stored.kind == "lut"
+    np.testing.assert_array_equal(run_tflm(stored.model, x), ref)
 
 
 def test_slices_keep_each_quantization(conv_model):
@@ -103,8 +105,8 @@ def test_concatenation_is_a_tree_of_fan_in_at_most_10(conv_model):
 def test_decode_sits_right_before_its_consumer_and_arena_shrinks(dense_model, digits):
     x, _ = digits
     res = slicing.slice_weights(dense_model, 4096)
-    lut_whole = export.lut_compress(dense_model).model
-    lut_sliced = export.lut_compress(res.model).model
+    lut_whole = lut.build(dense_model).model
+    lut_sliced = lut.build(res.model).model
     assert slicing.decode_placement_problems(lut_sliced) == []
     names = slicing.op_names(lut_sliced)
     # fc1 4 slices, fc2 8; the 8-bit output layer has more than 2**7 values and stays plain int8

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.flow import Progress, RunOptions, train
-from deploy.sweep import Budget, BudgetError, budget_for, sweep
+from deploy.app import RunOptions, train_pipeline
+from deploy.search import BudgetError, sweep
+from deploy.target import Target
 from edgeq.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,21 +20,21 @@ TARGETS = (2.5, 3.0, 4.0, 6.0)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     spec = load_pipeline(ROOT / "pipelines" / "digits.py").with_epochs(3)
-    opts = RunOptions(out=tmp_path_factory.mktemp("train"), quiet=True)
-    return spec, train(spec, opts, Progress(True))
+    opts = RunOptions(out=tmp_path_factory.mktemp("train"))
+    return spec, train_pipeline(spec, opts)
 
 
-def _sweep(setup, out: Path, **kw):
+def _sweep(setup, out: Path, budget: Target | None = None, **kw) -> dict:
     spec, trained = setup
-    return sweep(
-        spec, RunOptions(out=out, quiet=True), targets=TARGETS, methods=("qiu",), trained=trained, **kw
-    )
+    opts = RunOptions(out=out, target=budget or Target())
+    return sweep(spec, opts, targets=TARGETS, methods=("qiu",), trained=trained, **kw).to_json()
 
 
 @pytest.fixture(scope="module")
 def loose(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("loose")
-    return out, _sweep(setup, out, workers=2, budget=Budget(flash=1 << 20, ram=1 << 20))  # worker processes
+    budget = Target(flash_budget=1 << 20, ram_budget=1 << 20)
+    return out, _sweep(setup, out, workers=2, budget=budget)  # worker processes
 
 
 def _pareto(out: Path) -> list[dict]:
@@ -45,8 +46,8 @@ def tight(setup, loose, tmp_path_factory):
     """A budget just below the smallest model of >= 4 mean bits: only sub-4-bit models fit."""
     rows = _pareto(loose[0])
     flash_4 = min(r["flash_bytes"] for r in rows if r["mean_bits"] >= 4.0)
-    budget = Budget(flash=flash_4 - 1, ram=64 * 1024)
-    assert any(r["flash_bytes"] <= budget.flash for r in rows), "the sweep must reach below 4 bits"
+    budget = Target(flash_budget=flash_4 - 1, ram_budget=64 * 1024)
+    assert any(r["flash_bytes"] <= budget.model_flash for r in rows), "the sweep must reach below 4 bits"
     out = tmp_path_factory.mktemp("tight")
     return out, _sweep(setup, out, budget=budget), budget
 
@@ -55,8 +56,8 @@ def test_tight_budget_picks_a_sub_4_bit_model_that_really_fits(tight):
     tmp_path, rep, budget = tight
     dep = rep["models"]["deployed"]
     assert rep["plan"]["mean_bits"] < 4.0
-    assert (tmp_path / "model.tflite").stat().st_size == dep["flash_bytes"] <= budget.flash
-    assert dep["arena_bytes"] <= budget.ram
+    assert (tmp_path / "model.tflite").stat().st_size == dep["flash_bytes"] <= budget.model_flash
+    assert dep["arena_bytes"] <= budget.model_ram
     assert "Why this model" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "pareto.png").stat().st_size > 0
     chosen = [r for r in _pareto(tmp_path) if r["chosen"]]
@@ -96,7 +97,7 @@ def test_impossible_budget_says_what_was_reached(setup, tmp_path):
     with pytest.raises(
         BudgetError, match=r"smallest flash reached was [\d,]+ B and the smallest arena [\d,]+ B"
     ):
-        _sweep(setup, tmp_path, budget=Budget(flash=2000, ram=1000))
+        _sweep(setup, tmp_path, budget=Target(flash_budget=2000, ram_budget=1000))
     assert not (tmp_path / "model.tflite").exists()
 
 
@@ -113,7 +114,7 @@ def test_board_allowances_shrink_the_budget():
     from deploy.boards import load_board
 
     board = load_board("nrf52832")
-    b = budget_for(board)
-    assert b.flash == board.flash_bytes - board.firmware_allowance_bytes
-    assert b.ram == board.ram_bytes - board.stack_allowance_bytes
-    assert budget_for(board, flash=1000).flash == 1000
+    b = Target(board=board)
+    assert b.model_flash == board.flash_bytes - board.firmware_allowance_bytes
+    assert b.model_ram == board.ram_bytes - board.stack_allowance_bytes
+    assert Target(board=board, flash_budget=1000).model_flash == 1000

@@ -11,8 +11,9 @@ import yaml
 from edgeq.errors import EdgeqError
 
 BOARDS_DIR = Path(__file__).resolve().parent
-TEMPLATE_FLAVOURS = ("cmake", "zephyr", "arduino")
 FLASH_TOOLS = ("pyocd", "esptool", "picotool", "arduino-cli")
+KERNEL_SETS = ("reference", "cmsis-nn")
+FLOAT_ABIS = ("hard", "softfp", "soft")
 
 _UNITS = {
     "": 1,
@@ -50,6 +51,23 @@ class Board:
     flash_args: tuple[str, ...]
     zephyr_board: str | None = None
     arduino_fqbn: str | None = None
+    fpu: str = "none"  # -mfpu for the firmware build; "none": no FPU
+    float_abi: str = "soft"  # -mfloat-abi
+    kernels: str = "reference"  # the TFLM kernel set the firmware links (reference or cmsis-nn)
+
+    @property
+    def has_fpu(self) -> bool:
+        """True when the firmware may use hardware floating point."""
+        return self.fpu != "none" and self.float_abi != "soft"
+
+    @property
+    def cpu_flags(self) -> tuple[str, ...]:
+        """GCC target flags from the profile: -mcpu, -mthumb, -mfpu and -mfloat-abi for Arm cores."""
+        if not self.core.startswith("cortex-m"):
+            return ()
+        cpu = self.core.removesuffix("f")  # "cortex-m4f" is GCC's cortex-m4 with an FPU
+        fpu = (f"-mfpu={self.fpu}",) if self.fpu != "none" else ()
+        return (f"-mcpu={cpu}", "-mthumb", *fpu, f"-mfloat-abi={self.float_abi}")
 
     @property
     def model_flash_budget(self) -> int:
@@ -113,12 +131,22 @@ def _board_from(data: dict, source: Path) -> Board:
             flash_args=tuple(str(a) for a in data["flash_args"]),
             zephyr_board=data.get("zephyr_board"),
             arduino_fqbn=data.get("arduino_fqbn"),
+            fpu=str(data.get("fpu", "none")),
+            float_abi=str(data.get("float_abi", "soft")),
+            kernels=str(data.get("kernels", "reference")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BoardError(
             f"board profile {source} is incomplete or malformed ({type(e).__name__}: {e})"
         ) from e
-    bad = [t for t in board.templates if t not in TEMPLATE_FLAVOURS]
+    from deploy.firmware import FLAVOURS  # the firmware flavours edgeq can render
+
+    bad = [t for t in board.templates if t not in FLAVOURS]
+    if board.kernels not in KERNEL_SETS or board.float_abi not in FLOAT_ABIS:
+        raise BoardError(
+            f"board profile {source}: kernels {board.kernels!r} / float_abi {board.float_abi!r}; "
+            f"use one of {', '.join(KERNEL_SETS)} / {', '.join(FLOAT_ABIS)}"
+        )
     if bad or board.flash_tool not in FLASH_TOOLS or board.model_flash_budget <= 0 or board.arena_budget <= 0:
         raise BoardError(
             f"board profile {source} is inconsistent (templates {list(board.templates)}, tool "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import zlib
@@ -58,7 +57,7 @@ def _load_build(build: Path) -> tuple[bytes, np.ndarray, np.ndarray]:
 
 def _scores(raw: np.ndarray, y: np.ndarray, out_q) -> dict:
     """Accuracy (integer labels) or mean absolute error (anything else) of raw model outputs."""
-    from deploy.tflm import dequantize
+    from deploy.measure.tflm import dequantize
 
     if y.dtype.kind in "iub":
         return {"task": "classification", "accuracy": _r(np.mean(np.argmax(raw, axis=1) == y.reshape(-1)))}
@@ -92,7 +91,7 @@ def evaluate_on_device(
     retries: int = 3,
 ) -> dict:
     """Stream build/test_data.npz through the board on port; write device_report.json (+ report.md)."""
-    from deploy.tflm import TensorQuant, arena_bytes, quantize_input, run_tflm
+    from deploy.measure.tflm import TensorQuant, arena_bytes, quantize_input, run_tflm
 
     build = Path(build)
     model, x, y = _load_build(build)
@@ -146,7 +145,7 @@ def evaluate_on_device(
 
     dev = np.concatenate(outputs)
     host = run_tflm(model, x)
-    from deploy.tflm import io_quant, tflm_interpreter
+    from deploy.measure.tflm import io_quant, tflm_interpreter
 
     out_q = io_quant(tflm_interpreter(model), "output")
     identical = np.all(dev.reshape(n, -1) == host.reshape(n, -1), axis=1)
@@ -189,7 +188,7 @@ def evaluate_on_device(
         "seconds": _r(seconds, 3),
     }
     atomic_write_text(build / "device_report.json", json.dumps(rep, indent=2) + "\n")
-    _update_markdown(build / "report.md", rep)
+    _update_markdown(build, rep)
     return rep
 
 
@@ -240,19 +239,14 @@ def markdown_section(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _update_markdown(path: Path, rep: dict) -> None:
-    """Replace (or append) the On-device evaluation section of report.md, when report.md exists."""
-    if not path.is_file():
+def _update_markdown(build: Path, rep: dict) -> None:
+    """Re-render report.md and report.html from the run's stored Report with this evaluation added."""
+    from deploy import report
+
+    if not (build / "report.json").is_file():
         return
-    text = path.read_text()
-    section = markdown_section(rep)
-    # The section runs from its heading to the next level-2 heading or the end of the file.
-    pat = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
-    if pat.search(text):
-        text = pat.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
+    folder_report = report.load(build).with_device(rep)
+    report.rerender(build, folder_report)
 
 
 def summary_line(rep: dict, build: Path) -> str:

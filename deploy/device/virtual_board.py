@@ -67,7 +67,7 @@ class VirtualBoard:
 
     def start(self) -> str:
         """Load the model, open the pty, start answering; return the port path (e.g. /dev/pts/5)."""
-        from deploy.tflm import arena_bytes, io_quant, tflm_interpreter
+        from deploy.measure.tflm import arena_bytes, io_quant, tflm_interpreter
 
         path = self.build_dir / "model.tflite"
         if not path.is_file():

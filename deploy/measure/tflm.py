@@ -78,17 +78,20 @@ def dequantize(y: np.ndarray, q: TensorQuant) -> np.ndarray:
     return (np.asarray(y, dtype=np.float32) - q.zero_point) * q.scale
 
 
-def run_tflm(model: bytes, x: np.ndarray, *, alt_decompression: int = 0) -> np.ndarray:
-    """Raw (integer) outputs of the TFLM interpreter for every float input row of x, one invoke each."""
-    interp = tflm_interpreter(model, alt_decompression=alt_decompression)
+def invoke_all(interp, x: np.ndarray) -> np.ndarray:
+    """Raw (integer) outputs of a TFLM interpreter for every float input row of x, one invoke each."""
     q = io_quant(interp, "input")
-    xq = quantize_input(x, q)
     outs = []
-    for row in xq:
+    for row in quantize_input(x, q):
         interp.set_input(row.reshape(q.shape), 0)
         interp.invoke()
         outs.append(np.array(interp.get_output(0)).reshape(1, -1))
     return np.concatenate(outs)
+
+
+def run_tflm(model: bytes, x: np.ndarray, *, alt_decompression: int = 0) -> np.ndarray:
+    """Raw (integer) outputs of the TFLM interpreter for every float input row of x, one invoke each."""
+    return invoke_all(tflm_interpreter(model, alt_decompression=alt_decompression), x)
 
 
 _ARENA_RE = re.compile(r"Arena allocation total (\d+) bytes")
@@ -111,6 +114,14 @@ def capture_fd_output(fn) -> str:
         return tmp.read().decode(errors="replace")
 
 
+def interpreter_arena(interp, alt_decompression: int = 0) -> int:
+    """Arena total of an interpreter's recording allocator (after an invoke), plus alt decompression."""
+    m = _ARENA_RE.search(capture_fd_output(interp.print_allocations))
+    if not m:
+        raise RuntimeFailure("TFLM printed no arena figure; is this the recording interpreter?")
+    return int(m.group(1)) + alt_decompression
+
+
 def arena_bytes(model: bytes, sample: np.ndarray | None = None, *, alt_decompression: int = 0) -> int:
     """Arena total of the TFLM recording allocator after one invoke (plus alt decompression memory)."""
     interp = tflm_interpreter(model, alt_decompression=alt_decompression)
@@ -118,8 +129,4 @@ def arena_bytes(model: bytes, sample: np.ndarray | None = None, *, alt_decompres
     row = np.zeros(q.shape, q.dtype) if sample is None else quantize_input(sample, q).reshape(q.shape)
     interp.set_input(row, 0)
     interp.invoke()
-    text = capture_fd_output(interp.print_allocations)
-    m = _ARENA_RE.search(text)
-    if not m:
-        raise RuntimeFailure("TFLM printed no arena figure; is this the recording interpreter?")
-    return int(m.group(1)) + alt_decompression
+    return interpreter_arena(interp, alt_decompression)

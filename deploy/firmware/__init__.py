@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from deploy.carrays import CArrays, c_identifier, parse_c_array
+from deploy.export.carrays import CArrays, c_identifier, parse_c_array
 from deploy.flatbuffer import DECODE_OP, describe, resolver_calls
 from edgeq.errors import EdgeqError
 from edgeq.io import atomic_write_bytes, atomic_write_text, usual_mode
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "firmware_templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "firmware_templates"
 APP_TEMPLATES = TEMPLATES / "tflm_app"
 # The serial evaluation protocol (firmware_templates/common), copied into every flavour.
 PROTOCOL_FILES = ("edgeq_protocol.h", "edgeq_protocol.cc", "edgeq_crc32.h")
@@ -100,12 +100,9 @@ def _input_vars(q: Any) -> dict:
     }
 
 
-def _plan(ident: str, source: Path, header: Path, has_protocol: bool) -> list[_File]:
-    """Every file of the project, flavour by flavour."""
-    cc = source.suffix  # .cc or .c
-    proto = [(p, _PROTOCOL_WHAT[p]) for p in PROTOCOL_FILES]
+def _cmake_files(ident: str, source: Path, header: Path, proto: list[tuple[str, str]]) -> list[_File]:
+    """The generic CMake project at the top of firmware/ (host, or bare metal with a toolchain file)."""
     files = [
-        _File("README.md", "this file"),
         _File(
             "main.cc",
             "the TFLM app: op resolver, tensor arena, input quantization, inference callback, main()",
@@ -133,9 +130,13 @@ def _plan(ident: str, source: Path, header: Path, has_protocol: bool) -> list[_F
             "CMakeLists.txt", "generic CMake build against a TFLM tree (TFLM_ROOT)", "cmake/CMakeLists.txt.j2"
         ),
     ]
-    files += [_File(p, w, copy=TEMPLATES / "common" / p) for p, w in proto if has_protocol]
+    return files + [_File(p, w, copy=TEMPLATES / "common" / p) for p, w in proto]
+
+
+def _zephyr_files(ident: str, source: Path, header: Path, proto: list[tuple[str, str]]) -> list[_File]:
+    """A Zephyr application in firmware/zephyr (west build)."""
     z = "zephyr"
-    files += [
+    files = [
         _File(f"{z}/CMakeLists.txt", "Zephyr application build", "zephyr/CMakeLists.txt.j2"),
         _File(f"{z}/prj.conf", "Zephyr configuration (C++17, tflite-micro module)", "zephyr/prj.conf.j2"),
         _File(f"{z}/src/main.cc", "the TFLM app (as main.cc)", "main.cc.j2"),
@@ -149,11 +150,15 @@ def _plan(ident: str, source: Path, header: Path, has_protocol: bool) -> list[_F
         _File(f"{z}/src/{header.name}", "the model's C array (declaration)", copy=header),
         _File(f"{z}/src/{source.name}", "the model's C array", copy=source),
     ]
-    files += [_File(f"{z}/src/{p}", w, copy=TEMPLATES / "common" / p) for p, w in proto if has_protocol]
+    return files + [_File(f"{z}/src/{p}", w, copy=TEMPLATES / "common" / p) for p, w in proto]
+
+
+def _arduino_files(ident: str, source: Path, header: Path, proto: list[tuple[str, str]]) -> list[_File]:
+    """An Arduino sketch in firmware/arduino/<name> (arduino-cli)."""
     # Arduino builds only .c/.cpp/.S of a sketch folder named like its .ino.
     a = f"arduino/{ident}"
-    arduino_src = source.name if cc == ".c" else f"{source.stem}.cpp"
-    files += [
+    arduino_src = source.name if source.suffix == ".c" else f"{source.stem}.cpp"
+    files = [
         _File(f"{a}/{ident}.ino", "Arduino sketch: setup() runs the app", "arduino/sketch.ino.j2"),
         _File(f"{a}/edgeq_app.cpp", "the TFLM app (main.cc; no main() under Arduino)", "main.cc.j2"),
         _File(f"{a}/edgeq_app.h", "the app's entry points", copy=APP_TEMPLATES / "edgeq_app.h"),
@@ -167,11 +172,23 @@ def _plan(ident: str, source: Path, header: Path, has_protocol: bool) -> list[_F
         _File(f"{a}/{header.name}", "the model's C array (declaration)", copy=header),
         _File(f"{a}/{arduino_src}", "the model's C array", copy=source),
     ]
-    files += [
-        _File(f"{a}/{p.replace('.cc', '.cpp')}", w, copy=TEMPLATES / "common" / p)
-        for p, w in proto
-        if has_protocol
+    return files + [
+        _File(f"{a}/{p.replace('.cc', '.cpp')}", w, copy=TEMPLATES / "common" / p) for p, w in proto
     ]
+
+
+# The firmware flavours a board profile's `templates:` may name, each the files it renders.
+FLAVOURS = {"cmake": _cmake_files, "zephyr": _zephyr_files, "arduino": _arduino_files}
+
+
+def _plan(
+    ident: str, source: Path, header: Path, has_protocol: bool, flavours: tuple[str, ...]
+) -> list[_File]:
+    """Every file of the project: the README and each flavour's files."""
+    proto = [(p, _PROTOCOL_WHAT[p]) for p in PROTOCOL_FILES] if has_protocol else []
+    files = [_File("README.md", "this file")]
+    for flavour in flavours:
+        files += FLAVOURS[flavour](ident, source, header, proto)
     return files
 
 
@@ -260,7 +277,8 @@ def render_firmware(
             f"the model's input/output needs {payload} bytes per protocol frame; "
             f"the serial protocol carries at most {MAX_PAYLOAD_LIMIT}: shrink the input or output"
         )
-    files = _plan(ident, source, header, has_protocol)
+    flavours = tuple(board.templates) if board is not None else tuple(FLAVOURS)
+    files = _plan(ident, source, header, has_protocol, flavours)
     values = {
         "name": name,
         "ident": ident,
@@ -278,7 +296,9 @@ def render_firmware(
         "model_len": len(model),
         "model_crc32": zlib.crc32(model),
         "clock_hz": int(getattr(board, "clock_hz", 0) or 0),
-        "fpu": bool(board is not None and (board.core.endswith("f") or board.core == "cortex-m7")),
+        "fpu": bool(board is not None and board.has_fpu),
+        "cpu_flags": " ".join(board.cpu_flags) if board is not None else "",
+        "flavours": flavours,
         "board": board,
         "fit_message": fit_message,
         "flash_args": flash_args,

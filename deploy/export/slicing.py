@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deploy.export import INT4, INT8
+from deploy.flatbuffer import INT4, INT8, pack_int4, tensor_values
 from edgeq.errors import EdgeqError
 
 MAX_CONCAT_INPUTS = 10  # TFLM's CONCATENATION kernel takes at most 10 inputs
@@ -86,20 +86,6 @@ def parse_budget(text: str | int) -> int:
     return value
 
 
-def _pack_int4(vals: np.ndarray) -> bytes:
-    """TFLite's packed INT4 (low nibble first) from int8 values in -8..7."""
-    v = (vals.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
-    if v.size % 2:
-        v = np.append(v, np.uint8(0))
-    return (v[0::2] | (v[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def _weight_values(t) -> np.ndarray:
-    from deploy.export import _values
-
-    return _values(t)
-
-
 def _slice_tensor(t, lo: int, hi: int, name: str | None, values: np.ndarray | None = None):
     """Constant tensor t restricted to rows lo:hi of axis 0, with matching per-channel quantization."""
     from tflite_micro.tensorflow.lite.micro.compression import model_editor
@@ -111,7 +97,7 @@ def _slice_tensor(t, lo: int, hi: int, name: str | None, values: np.ndarray | No
     new.name = name  # copy(name=None) would keep the original's long name
     new.shape = part.shape
     new._fb.shapeSignature = None
-    data = _pack_int4(part) if t.dtype == INT4 else part.tobytes()
+    data = pack_int4(part) if t.dtype == INT4 else part.tobytes()
     new.buffer = model_editor.Buffer(data=data)
     q = t.quantization
     if q is not None and np.size(q.scales) > 1:
@@ -254,7 +240,7 @@ def slice_weights(model_bytes: bytes, decode_budget: int | str = DEFAULT_DECODE_
         w, x = op.inputs[1], op.inputs[0]
         bias = op.inputs[2] if len(op.inputs) > 2 else None
         out = op.outputs[0]
-        wvals = _weight_values(w)
+        wvals = tensor_values(w)
         ranges = _plan_slices(oc, per_channel, budget)
         parts = []
         for k, (lo, hi) in enumerate(ranges):

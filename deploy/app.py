@@ -1,0 +1,254 @@
+"""The edgeq run: the one place where training, allocation, export, measurement and reporting meet.
+
+    data -> train (float, twin) -> allocate -> QAT -> export -> measure -> write (artifacts, report)
+
+Every stage hands the next a frozen value (Trained, Candidate, Measured, Report); command-line flags and
+their wording live in deploy.cli, the search over plans in deploy.search.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from deploy import report
+from deploy.artifacts import prepare_out, staging
+from deploy.export import Exported, ExportOptions, convert, convert_float, export
+from deploy.measure import Measurement, alt_decompression_size, measure_litert, measure_tflm
+from deploy.measure.litert import RESOLVERS
+from deploy.storage import AUTO, check_storage
+from deploy.target import Target
+from edgeq.allocators import allocate, check_method
+from edgeq.errors import PlanError
+from edgeq.pipeline import PipelineSpec
+from edgeq.plan import BitPlan
+from edgeq.scoring import keras_score
+from edgeq.training import Trained, fine_tune, train
+
+OnStage = Callable[[str, str], None]
+STAGES = ("data", "float", "bayes", "allocate", "qat", "export", "measure", "write")
+
+
+def _silent(name: str, text: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run was asked for (the CLI builds it from flags; the Python API passes it directly)."""
+
+    out: Path
+    target_bits: float | None = None  # None: the pipeline's
+    seed: int = 0
+    method: str | None = None  # None: the pipeline's
+    storage: str = AUTO
+    data: str | None = None
+    epochs: int | None = None  # caps every training stage (smoke runs)
+    keep_dense: bool = False  # Dense as FULLY_CONNECTED instead of 1x1 CONV_2D (see quantize_model)
+    target: Target = field(default_factory=Target)
+
+
+def check_target_bits(bits: float) -> float:
+    """A mean bit width must lie in [1, 8]."""
+    if not (np.isfinite(bits) and 1.0 <= bits <= 8.0):
+        raise PlanError(f"--target-bits {bits} is outside [1, 8]; pick a mean bit width such as 4")
+    return float(bits)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One bit plan carried through QAT and export: what a search compares and a run deploys."""
+
+    method: str
+    target_bits: float
+    plan: BitPlan
+    qat: object
+    exported: Exported
+    qat_epochs: int
+    allocate_s: float
+
+    @property
+    def key(self) -> tuple:
+        """Candidates with the same key are the same model: the method and its per-layer bits."""
+        return plan_key(self.method, self.plan)
+
+
+def plan_key(method: str, plan: BitPlan) -> tuple:
+    """The identity of a plan within a search: its method and its per-layer bits."""
+    return (method, *sorted(plan.bits.items()))
+
+
+def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, str]:
+    """Check every option before any work starts: (spec with the epoch cap, target bits, method)."""
+    target = check_target_bits(opts.target_bits if opts.target_bits is not None else spec.target_bits)
+    method = check_method(opts.method or spec.method).name
+    check_storage(opts.storage)
+    if opts.epochs is not None:
+        spec = spec.with_epochs(opts.epochs)
+    prepare_out(Path(opts.out))
+    return spec, target, method
+
+
+def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _silent) -> Trained:
+    """Stages 1-3: the pipeline's data, the float model, its Bayesian twin."""
+    on_stage("data", f"loading data for pipeline {spec.name!r}")
+    splits = spec.load_data(seed=opts.seed, data=opts.data)
+    return train(spec, splits, opts.seed, on_stage)
+
+
+def make_candidate(
+    trained: Trained,
+    spec: PipelineSpec,
+    opts: RunOptions,
+    method: str,
+    target_bits: float,
+    qat_epochs: int,
+    on_stage: OnStage = _silent,
+    plan: BitPlan | None = None,
+) -> Candidate:
+    """Stages 4-6 for one (method, target) or a given plan: allocate, project + QAT, export."""
+    from edgeq.optimize import project_weights, quantize_model
+
+    on_stage("allocate", f"allocating bits ({method}, target {target_bits:g} mean bits)")
+    t0 = time.perf_counter()
+    plan = plan or allocate(method, trained, target_bits, spec, opts.seed)
+    allocate_s = time.perf_counter() - t0
+    on_stage("qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)")
+    # Start QAT from the plan's own grids (uniform on its range, or the quantile levels).
+    qat = quantize_model(project_weights(trained.det, plan), plan, keep_dense=opts.keep_dense)
+    fine_tune(qat, trained.splits, spec, qat_epochs)
+    on_stage("export", f"converting, slicing and storing the weights ({opts.storage})")
+    s = trained.splits
+    options = ExportOptions(opts.storage, opts.target.decode_budget, opts.target.model_ram)
+    exported = export(qat, s.x_train, s.x_test, options)
+    return Candidate(method, target_bits, plan, qat, exported, qat_epochs, allocate_s)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Every model of a run in every runtime, measured once on the test split."""
+
+    float_scores: Mapping[str, float]
+    float_flash: int
+    det_scores: Mapping[str, float]
+    qat_scores: Mapping[str, float]
+    bnn_quality: object | None
+    int8_model: bytes = field(repr=False)
+    int8: Measurement
+    int8_litert_latency_us: float
+    deployed: Measurement
+    uncompressed: Measurement
+    litert: tuple[Measurement, ...]  # on the uncompressed model: LiteRT cannot load DECODE
+
+
+def measure_run(trained: Trained, cand: Candidate, target: Target) -> Measured:
+    """The int8 baseline, the deployed model and its uncompressed twin in TFLM, and LiteRT beside them."""
+    from edgeq import bayes
+
+    s = trained.splits
+    x, y, task = s.x_test, s.y_test, s.task
+    int8_model = convert(trained.float_model, s.x_train)
+    ex = cand.exported
+    alt = alt_decompression_size(ex.deployed.model) if target.decompress_to == "alt" else 0
+    int8_litert = measure_litert(int8_model, x[:1], y[:1], task, RESOLVERS[1])
+    return Measured(
+        float_scores=keras_score(trained.float_model, x, y, task),
+        float_flash=len(convert_float(trained.float_model)),
+        det_scores=keras_score(trained.det, x, y, task),
+        qat_scores=keras_score(cand.qat, x, y, task),
+        bnn_quality=bayes.mc_evaluate(trained.bnn, x, y) if task == "classification" else None,
+        int8_model=int8_model,
+        int8=measure_tflm(int8_model, x, y, task),
+        int8_litert_latency_us=int8_litert.latency_us,
+        deployed=measure_tflm(ex.deployed.model, x, y, task, alt_decompression=alt),
+        uncompressed=measure_tflm(ex.uncompressed, x, y, task),
+        litert=tuple(measure_litert(ex.uncompressed, x, y, task, r) for r in RESOLVERS),
+    )
+
+
+def write_artifacts(
+    stage: Path, trained: Trained, cand: Candidate, measured: Measured, name: str, target: Target
+):
+    """Models, plan, test data, C arrays and the firmware project into the staging folder; the C arrays."""
+    from deploy.export.carrays import write_c_arrays
+    from deploy.firmware import render_firmware
+    from deploy.measure.tflm import io_quant, tflm_interpreter
+    from edgeq.optimize import quantize_scope
+
+    deployed = cand.exported.deployed.model
+    trained.float_model.save(stage / "model_float.keras")
+    with quantize_scope():
+        cand.qat.save(stage / "model_qat.keras")
+    cand.plan.save(stage / "bitplan.json")
+    (stage / "model_int8.tflite").write_bytes(measured.int8_model)
+    (stage / "model_uncompressed.tflite").write_bytes(cand.exported.uncompressed)
+    (stage / "model.tflite").write_bytes(deployed)
+    np.savez(stage / "test_data.npz", x=trained.splits.x_test, y=trained.splits.y_test)
+    carrays = write_c_arrays(deployed, stage, name)
+    render_firmware(
+        deployed,
+        stage,
+        name=name,
+        arena_bytes=measured.deployed.arena_bytes,
+        input_quant=io_quant(tflm_interpreter(deployed), "input"),
+        c_arrays=carrays,
+        board=target.board,
+        alt_decompression_bytes=measured.deployed.alt_decompression_bytes,
+    )
+    return carrays
+
+
+class StageClock:
+    """Wraps an on_stage callback and records how long each stage took."""
+
+    def __init__(self, on_stage: OnStage = _silent):
+        self.on_stage = on_stage
+        self.seconds: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
+
+    def __call__(self, name: str, text: str) -> None:
+        self.close()
+        self._open = (name, time.perf_counter())
+        self.on_stage(name, text)
+
+    def close(self) -> dict[str, float]:
+        """End the open stage; the seconds of every stage so far."""
+        if self._open:
+            self.seconds[self._open[0]] = round(time.perf_counter() - self._open[1], 2)
+            self._open = None
+        return dict(self.seconds)
+
+
+def deploy(
+    trained: Trained,
+    cand: Candidate,
+    spec: PipelineSpec,
+    opts: RunOptions,
+    clock: StageClock,
+    search: report.SearchSummary | None = None,
+) -> report.Report:
+    """Stages 7-8 for the chosen candidate: measure it, write every artifact and the report, all at once."""
+    clock("measure", "measuring the int8 baseline and the deployed model in TFLM and LiteRT")
+    measured = measure_run(trained, cand, opts.target)
+    out = Path(opts.out)
+    clock("write", f"writing artifacts to {out}")
+    with staging(out) as stage:
+        carrays = write_artifacts(stage, trained, cand, measured, spec.name, opts.target)
+        facts = report.RunFacts(spec.name, opts.seed, cand, trained, measured, opts.target, carrays)
+        rep = report.build(facts, stage_seconds=clock.close(), search=search)
+        report.write(stage, rep)
+    return rep
+
+
+def run(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _silent) -> report.Report:
+    """One plan for one pipeline, end to end; every artifact written into opts.out."""
+    spec, target_bits, method = prepare(spec, opts)
+    clock = StageClock(on_stage)
+    trained = train_pipeline(spec, opts, clock)
+    cand = make_candidate(trained, spec, opts, method, target_bits, spec.qat_epochs, clock)
+    return deploy(trained, cand, spec, opts, clock)

@@ -1,0 +1,296 @@
+"""The Report: one value per run, built once from the stages' values, rendered as JSON, Markdown and HTML.
+
+report.json is the Report's serialised form (the only dict in the house, at the edge); report.md and
+report.html are rendered from the same value, so `device-eval` and the search add their sections as
+fields and re-render, never by editing text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.io import atomic_write_text
+
+SCHEMA = 2  # report.json layout version (2: target, search and device as fields)
+
+
+def _r(v: float, n: int = 4) -> float:
+    return round(float(v), n)
+
+
+@dataclass(frozen=True)
+class SearchRow:
+    """One measured candidate of a search (a point of the Pareto plot)."""
+
+    method: str
+    target: float
+    mean_bits: float
+    bits: Mapping[str, int]
+    storage: str
+    flash_bytes: int
+    arena_bytes: int
+    score: float  # TFLM accuracy, or -MAE for regression, so that higher is better
+    fits: bool
+    qat_epochs: int
+    test_samples: int = 0  # how many test samples the score was measured on
+    chosen: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What a search tried and why it kept the deployed model."""
+
+    budget: str
+    why: str
+    rows: tuple[SearchRow, ...]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """The stages' values a report is built from (see deploy.app)."""
+
+    pipeline: str
+    seed: int
+    candidate: Any  # deploy.app.Candidate
+    trained: Any  # edgeq.training.Trained
+    measured: Any  # deploy.app.Measured
+    target: Any  # deploy.target.Target
+    carrays: Any  # deploy.export.carrays.CArrays
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run measured; `body` is report.json without the search and device sections."""
+
+    body: Mapping[str, Any]
+    search: SearchSummary | None = None
+    device: Mapping[str, Any] | None = None  # device_report.json, after `edgeq device-eval`
+
+    @property
+    def pipeline(self) -> str:
+        """The pipeline's name."""
+        return self.body["pipeline"]
+
+    def to_json(self) -> dict:
+        """report.json."""
+        out = dict(self.body)
+        if self.search is not None:
+            out["search"] = dataclasses.asdict(self.search)
+        return out
+
+    def with_device(self, device: Mapping[str, Any]) -> Report:
+        """The same report with the on-device evaluation added."""
+        return dataclasses.replace(self, device=dict(device))
+
+
+def _plan_section(f: RunFacts) -> dict:
+    from edgeq.informativeness import layer_informativeness
+
+    plan, sizes = f.candidate.plan, f.trained.sizes
+    info = layer_informativeness(list(f.trained.posteriors))
+    layers = [
+        {
+            "name": n,
+            "bits": plan.layers[n].bits,
+            "params": int(sizes[n]),
+            "informativeness": _r(info.get(n, float("nan")), 6),
+            "quantizer": plan.layers[n].quantizer,
+        }
+        for n in plan.layers
+    ]
+    return {
+        "method": f.candidate.method,
+        "mean_bits": _r(plan.mean_bits(sizes)),
+        "layers": layers,
+        "allocation_seconds": _r(f.candidate.allocate_s, 4),
+        **({"meta": _jsonable(plan.meta)} if plan.meta else {}),
+    }
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _tflm_figures(m, metric_suffix: str = "_tflm") -> dict:
+    out = {f"{k}{metric_suffix}": v for k, v in m.scores.items()}
+    out.update(flash_bytes=m.flash_bytes, arena_bytes=m.arena_bytes, latency_tflm_us=_r(m.latency_us, 2))
+    if m.alt_decompression_bytes:
+        out["alt_decompression_bytes"] = m.alt_decompression_bytes  # counted in arena_bytes too
+    return out
+
+
+def _weights_rows(storage) -> list[dict]:
+    rows = []
+    for t in storage.tensors:
+        bits = t.lut_bits if t.lut_bits else (4 if t.stored_type == "INT4" else 8)
+        rows.append(
+            {
+                "tensor": t.name or f"{t.op.lower()} #{t.index}",
+                "op": t.op,
+                "shape": list(t.shape),
+                "stored": t.stored_type,
+                "lut_bits": t.lut_bits,
+                "distinct_values": t.distinct,
+                "stored_bytes_est": int(np.ceil(np.prod(t.shape) * bits / 8)),
+            }
+        )
+    return rows
+
+
+def _litert_section(ms) -> dict:
+    return {
+        m.runtime.split(":", 1)[1]: {
+            **{k: _r(v) for k, v in m.scores.items()},
+            "bit_exact_vs_tflm": m.vs(ms.uncompressed).bit_exact,
+            "rows_identical": _r(m.vs(ms.uncompressed).rows_identical),
+            "max_abs_diff": m.vs(ms.uncompressed).max_abs_diff,
+            "latency_us": _r(m.latency_us, 2),
+        }
+        for m in ms.litert
+    }
+
+
+def _deployed_section(f: RunFacts) -> dict:
+    from deploy.export.limits import packing_limit
+
+    ms, ex = f.measured, f.candidate.exported
+    limit = packing_limit(f.trained.float_model, f.candidate.plan.bits)
+    litert = _litert_section(ms)
+    return {
+        "tflite": "model.tflite",
+        "storage": ex.deployed.kind,
+        **_tflm_figures(ms.deployed),
+        "packing_limit_bytes": int(limit),
+        # The headline: LiteRT's reference kernels, the ones TFLM's kernels are ported from.
+        "bit_exact_tflm_vs_litert": litert["BUILTIN_REF"]["bit_exact_vs_tflm"],
+        "litert": litert,
+        "bit_exact_compressed_vs_uncompressed": ms.deployed.vs(ms.uncompressed).bit_exact,
+        "uncompressed_tflite": "model_uncompressed.tflite",
+        "uncompressed_flash_bytes": ms.uncompressed.flash_bytes,
+        "uncompressed_arena_bytes": ms.uncompressed.arena_bytes,
+        "variants": {v.kind: len(v.model) for v in ex.variants},
+        "weights": _weights_rows(ex.deployed),
+        "outputs_sha256": ms.deployed.digest,
+        "ratio_to_int8": _r(ms.deployed.flash_bytes / ms.int8.flash_bytes),
+        "ratio_to_packing_limit": _r(ms.deployed.flash_bytes / limit),
+    }
+
+
+def _models_section(f: RunFacts) -> dict:
+    ms = f.measured
+    q = ms.bnn_quality
+    mc = {"mc_accuracy": _r(q.accuracy), "mc_ece": _r(q.ece), "mc_samples": q.samples} if q else {}
+    return {
+        "float": {**{k: _r(v) for k, v in ms.float_scores.items()}, "flash_bytes": ms.float_flash},
+        "bnn": {**{k: _r(v) for k, v in ms.det_scores.items()}, **mc},
+        "qat_keras": {k: _r(v) for k, v in ms.qat_scores.items()},
+        "int8": {
+            "tflite": "model_int8.tflite",
+            **_tflm_figures(ms.int8),
+            "latency_litert_us": _r(ms.int8_litert_latency_us, 2),
+            "outputs_sha256": ms.int8.digest,
+        },
+        "deployed": _deployed_section(f),
+    }
+
+
+def _target_section(f: RunFacts) -> dict:
+    t = f.target
+    return {
+        "board": t.board.name if t.board else None,
+        "kernels": t.kernels,
+        # The host interpreter runs TFLM's reference kernels on a 64-bit host (see DESIGN.md).
+        "arena_measured_with": "host TFLM (pip tflite_micro), reference kernels, 64-bit host",
+        "flash_budget_bytes": t.model_flash,
+        "ram_budget_bytes": t.model_ram,
+        "decode_budget_bytes": t.decode_budget,
+        "decompress_to": t.decompress_to,
+    }
+
+
+def build(
+    facts: RunFacts, *, stage_seconds: Mapping[str, float], search: SearchSummary | None = None
+) -> Report:
+    """The Report of one deployed candidate (paths relative to the output folder)."""
+    f = facts
+    body: dict[str, Any] = {
+        "schema": SCHEMA,
+        "pipeline": f.pipeline,
+        "seed": f.seed,
+        "target_bits": float(f.candidate.target_bits),
+        "plan": _plan_section(f),
+        "models": _models_section(f),
+        "target": _target_section(f),
+        "artifacts": {
+            "c_source": Path(f.carrays.source).name,
+            "c_header": Path(f.carrays.header).name,
+            "firmware": "firmware",
+            "test_data": "test_data.npz",
+            "plan": "bitplan.json",
+            "float_model": "model_float.keras",
+        },
+        "stage_seconds": dict(stage_seconds),
+    }
+    sliced = f.candidate.exported.sliced
+    if sliced is not None:
+        body["slicing"] = {
+            "decode_budget_bytes": sliced.budget,
+            "layers": [dataclasses.asdict(r) for r in sliced.rows],
+        }
+    dep = body["models"]["deployed"]
+    fit = f.target.fit(dep["flash_bytes"], dep["arena_bytes"])
+    if fit is not None:
+        body["board"] = {
+            "name": f.target.board.name,
+            "fits": fit.fits,
+            "flash_margin_bytes": fit.flash_margin,
+            "ram_margin_bytes": fit.ram_margin,
+            "message": fit.message,
+        }
+    return Report(body, search)
+
+
+def write(folder: Path, rep: Report) -> None:
+    """report.json, report.md, report.html and the plots, each written whole."""
+    from deploy.report import html, markdown, plots
+
+    folder = Path(folder)
+    atomic_write_text(folder / "report.json", json.dumps(rep.to_json(), indent=2))
+    if rep.search is not None:
+        candidates = [dataclasses.asdict(r) for r in rep.search.rows]
+        pareto = {"budget": rep.search.budget, "why": rep.search.why, "candidates": candidates}
+        atomic_write_text(folder / "pareto.json", json.dumps(pareto, indent=2))
+    plots.write_all(folder, rep)
+    atomic_write_text(folder / "report.md", markdown.render(rep))
+    atomic_write_text(folder / "report.html", html.render(rep, folder))
+
+
+def rerender(folder: Path, rep: Report) -> None:
+    """Rewrite report.md and report.html of a finished run (after device-eval), from the value."""
+    from deploy.report import html, markdown
+
+    atomic_write_text(folder / "report.md", markdown.render(rep))
+    atomic_write_text(folder / "report.html", html.render(rep, folder))
+
+
+def load(folder: Path) -> Report:
+    """The Report of a finished run, from its report.json (and device_report.json when present)."""
+    data = json.loads((Path(folder) / "report.json").read_text())
+    search = data.pop("search", None)
+    summary = None
+    if search is not None:
+        rows = tuple(SearchRow(**r) for r in search["rows"])
+        summary = SearchSummary(search["budget"], search["why"], rows)
+    dev_path = Path(folder) / "device_report.json"
+    device = json.loads(dev_path.read_text()) if dev_path.is_file() else None
+    return Report(data, summary, device)
+
+
+__all__ = ["Report", "RunFacts", "SearchRow", "SearchSummary", "build", "load", "rerender", "write"]

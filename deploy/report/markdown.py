@@ -1,0 +1,160 @@
+"""report.md: the Report as readable tables, section by section."""
+
+from __future__ import annotations
+
+from deploy.report import Report
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def _fmt(key: str):
+    return _pct if key == "accuracy" else (lambda v: f"{v:.4f}")
+
+
+def metric_key(body) -> str:
+    """accuracy or mae, whichever the run's task scores."""
+    return "accuracy" if "accuracy" in body["models"]["float"] else "mae"
+
+
+def _models(body) -> list[str]:
+    m, key = body["models"], metric_key(body)
+    fmt, d, i8 = _fmt(key), m["deployed"], m["int8"]
+    return [
+        "## Models",
+        "",
+        f"| model | {key} (Keras) | {key} (TFLM) | flash bytes | arena bytes | TFLM latency (us) |",
+        "|---|---|---|---|---|---|",
+        f"| float | {fmt(m['float'][key])} | | {m['float']['flash_bytes']:,} | | |",
+        f"| Bayesian twin, mean weights | {fmt(m['bnn'][key])} | | | | |",
+        f"| QAT (Keras, fake-quant) | {fmt(m['qat_keras'][key])} | | | | |",
+        f"| int8 (PTQ of float) | | {fmt(i8[key + '_tflm'])} | {i8['flash_bytes']:,} | {i8['arena_bytes']:,} "
+        f"| {i8['latency_tflm_us']:.1f} |",
+        f"| uncompressed (QAT, INT4 where <= 4 bits) | | | {d['uncompressed_flash_bytes']:,} "
+        f"| {d['uncompressed_arena_bytes']:,} | |",
+        f"| **deployed** ({d['storage']}) | | **{fmt(d[key + '_tflm'])}** | **{d['flash_bytes']:,}** "
+        f"| {d['arena_bytes']:,} | {d['latency_tflm_us']:.1f} |",
+        "",
+    ]
+
+
+def _notes(body) -> list[str]:
+    m, key = body["models"], metric_key(body)
+    d, t = m["deployed"], body.get("target", {})
+    lines = [
+        f"- Flash bytes are model bytes (the .tflite the C array holds), without the firmware's code. "
+        f"Arena bytes: {t.get('arena_measured_with', 'host TFLM')}; the board's kernel set is "
+        f"{t.get('kernels', 'reference')}.",
+        f"- Packing limit: {d['packing_limit_bytes']:,} B; "
+        f"deployed/limit = {d['ratio_to_packing_limit']:.3f}, "
+        f"deployed/int8 = {d['ratio_to_int8']:.3f}.",
+        "- LiteRT on model_uncompressed.tflite (it cannot load DECODE), held against TFLM's outputs:",
+        "",
+        f"  | LiteRT resolver | {key} | bit-exact vs TFLM | rows identical | max diff (LSB) | latency (us) |",
+        "  |---|---|---|---|---|---|",
+        *(
+            f"  | {r} | {_fmt(key)(c[key])} | {c['bit_exact_vs_tflm']} | {100 * c['rows_identical']:.1f}% "
+            f"| {c['max_abs_diff']} | {c['latency_us']:.1f} |"
+            for r, c in d["litert"].items()
+        ),
+        "",
+        f"- Compressed vs uncompressed inside TFLM, bit-exact: {d['bit_exact_compressed_vs_uncompressed']}.",
+        "- Storage variants (flash bytes): " + ", ".join(f"{k} {v:,}" for k, v in d["variants"].items()),
+    ]
+    if d.get("alt_decompression_bytes"):
+        lines.append(
+            f"- DECODE writes into {d['alt_decompression_bytes']:,} B of alternate memory "
+            "(--decompress-to alt); "
+            "the arena figure above includes it."
+        )
+    if "mc_accuracy" in m["bnn"]:
+        lines.append(
+            f"- Bayesian twin, {m['bnn']['mc_samples']} Monte Carlo samples: accuracy "
+            f"{_pct(m['bnn']['mc_accuracy'])}, expected calibration error {m['bnn']['mc_ece']:.4f}."
+        )
+    if "board" in body:
+        lines.append(f"- Board {body['board']['name']}: {body['board']['message']}")
+    return lines
+
+
+def _plan(body) -> list[str]:
+    lines = [
+        "",
+        "## Bit plan",
+        "",
+        "| layer | params | informativeness | bits | quantizer |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['params']:,} | {r['informativeness']:.4g} | {r['bits']} | {r['quantizer']} |"
+        for r in body["plan"]["layers"]
+    ]
+    return lines
+
+
+def _storage(body) -> list[str]:
+    lines = [
+        "",
+        "## Weight storage in model.tflite",
+        "",
+        "| tensor | op | shape | stored | LUT bits | distinct values | bytes (est.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {w['tensor'][:48]} | {w['op']} | {'x'.join(map(str, w['shape']))} | {w['stored']} | "
+        f"{w['lut_bits'] or ''} | {w['distinct_values']} | {w['stored_bytes_est']:,} |"
+        for w in body["models"]["deployed"]["weights"]
+    ]
+    return lines
+
+
+def _search(rep: Report) -> list[str]:
+    if rep.search is None:
+        return []
+    lines = [
+        "",
+        "## Why this model",
+        "",
+        rep.search.why,
+        "",
+        "![Pareto front](pareto.png)",
+        "",
+        "| method | target | mean bits | QAT epochs | storage | flash B | arena B | TFLM score | fits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.method} | {r.target:g} | {r.mean_bits:.2f} | {r.qat_epochs} | {r.storage} | {r.flash_bytes:,} "
+        f"| {r.arena_bytes:,} | {r.score:.4f} | {'yes' if r.fits else 'no'}{' (chosen)' * r.chosen} |"
+        for r in sorted(rep.search.rows, key=lambda r: r.flash_bytes)
+    ]
+    return lines
+
+
+def _device(rep: Report) -> list[str]:
+    if rep.device is None:
+        return []
+    from deploy.device.evaluate import markdown_section
+
+    return ["", markdown_section(rep.device).rstrip("\n")]
+
+
+def render(rep: Report) -> str:
+    """report.md."""
+    b = rep.body
+    head = [
+        f"# edgeq report: {b['pipeline']}",
+        "",
+        f"Seed {b['seed']}, target {b['target_bits']:g} mean bits, method **{b['plan']['method']}**: "
+        f"mean bits **{b['plan']['mean_bits']:.3f}** (paper eq. 8). Deployed storage: "
+        f"**{b['models']['deployed']['storage']}**.",
+        "",
+    ]
+    tail = [
+        "",
+        "![bits per layer](bits_per_layer.png) ![flash bytes](flash_bytes.png)",
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in b["stage_seconds"].items()),
+    ]
+    parts = head + _models(b) + _notes(b) + _plan(b) + _storage(b) + _search(rep) + _device(rep) + tail
+    return "\n".join(parts) + "\n"

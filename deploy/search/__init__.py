@@ -1,0 +1,163 @@
+"""Budget-driven search: train once, sweep bit targets and methods, keep the best model that fits.
+
+Allocation is cheap once the Bayesian twin is trained, so every distinct plan is calibrated (no
+fine-tuning), exported and measured in TFLM (deploy.search.screen, in worker processes); only the
+finalists get QAT. Candidates are keyed by their plan, so a plan two targets share is screened once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deploy.app import (
+    Candidate,
+    RunOptions,
+    StageClock,
+    deploy,
+    make_candidate,
+    plan_key,
+    prepare,
+    train_pipeline,
+)
+from deploy.measure import measure_tflm
+from deploy.report import Report, SearchRow, SearchSummary
+from deploy.target import Target
+from edgeq.allocators import allocate, check_method
+from edgeq.errors import EdgeqError
+from edgeq.pipeline import PipelineSpec
+from edgeq.scoring import headline, keras_score
+from edgeq.training import Trained
+
+DEFAULT_TARGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+FINALISTS = 2
+SCREEN_SAMPLES = 2000  # candidates are screened on this many test samples, finalists on the whole split
+
+
+class BudgetError(EdgeqError):
+    """No candidate fits the budget."""
+
+
+def row_of(cand: Candidate, trained: Trained, target: Target, samples: int | None = None) -> SearchRow:
+    """One candidate measured in TFLM on the first `samples` test images (all when None)."""
+    s = trained.splits
+    m = measure_tflm(cand.exported.deployed.model, s.x_test[:samples], s.y_test[:samples], s.task)
+    return SearchRow(
+        cand.method,
+        cand.target_bits,
+        round(cand.plan.mean_bits(trained.sizes), 4),
+        cand.plan.bits,
+        cand.exported.deployed.kind,
+        m.flash_bytes,
+        m.arena_bytes,
+        round(headline(m.scores), 4),
+        target.fits(m.flash_bytes, m.arena_bytes),
+        cand.qat_epochs,
+        len(s.x_test[:samples]),
+    )
+
+
+def pick(rows: list[SearchRow], max_drop: float | None, float_score: float) -> SearchRow | None:
+    """The most accurate fitting row, or with max_drop the smallest fitting row within max_drop points."""
+    fitting = [r for r in rows if r.fits]
+    if max_drop is None:
+        return max(fitting, key=lambda r: (r.score, -r.flash_bytes), default=None)
+    near = [r for r in fitting if (float_score - r.score) * 100 <= max_drop]
+    return min(near, key=lambda r: (r.flash_bytes, -r.score), default=None)
+
+
+def distinct_jobs(
+    trained: Trained, spec: PipelineSpec, seed: int, methods, targets
+) -> list[tuple[str, float]]:
+    """(method, target) pairs whose plans differ: the first target of each distinct plan."""
+    jobs: dict[tuple, tuple[str, float]] = {}
+    for method in methods:
+        for t in targets:
+            jobs.setdefault(plan_key(method, allocate(method, trained, t, spec, seed)), (method, t))
+    return list(jobs.values())
+
+
+def _nothing_fits(rows: list[SearchRow], target: Target) -> BudgetError:
+    return BudgetError(
+        f"nothing fits {target.describe()}: the smallest flash reached was "
+        f"{min(r.flash_bytes for r in rows):,} B and the smallest arena "
+        f"{min(r.arena_bytes for r in rows):,} B; "
+        "raise the budget or lower --target-bits"
+    )
+
+
+def _finalists(rows, trained, spec, opts, max_drop) -> list[tuple[SearchRow, Candidate]]:
+    """The best screened rows, fine-tuned with QAT and measured on the whole test split."""
+    fitting = [r for r in rows if r.fits]
+    key = (lambda r: -r.score) if max_drop is None else (lambda r: r.flash_bytes)
+    finals = []
+    for r in sorted(fitting, key=key)[:FINALISTS]:
+        cand = make_candidate(trained, spec, opts, r.method, r.target, spec.qat_epochs)
+        finals.append((row_of(cand, trained, opts.target), cand))
+    return finals
+
+
+def _why(best: SearchRow, n_fitting: int, target: Target, max_drop: float | None) -> str:
+    reason = (
+        f"the most accurate of {n_fitting} candidates that fit {target.describe()}"
+        if max_drop is None
+        else f"the smallest fitting candidate within {max_drop} points of the float model"
+    )
+    return (
+        f"{best.method} at target {best.target:g} ({best.mean_bits:.2f} mean bits, {best.storage}): "
+        f"{reason}; "
+        f"TFLM score {best.score:.4f}, flash {best.flash_bytes:,} B, arena {best.arena_bytes:,} B."
+    )
+
+
+def _choose(rows, finals, trained, spec, opts, max_drop) -> tuple[SearchRow, Candidate]:
+    """The winning row (marked chosen) and its candidate; BudgetError when none is within max_drop."""
+    base = headline(
+        keras_score(trained.float_model, trained.splits.x_test, trained.splits.y_test, trained.splits.task)
+    )
+    best = pick([f for f, _ in finals], max_drop, base) or pick(rows, max_drop, base)
+    if best is None:
+        raise BudgetError(
+            f"no candidate that fits {opts.target.describe()} is within {max_drop} points "
+            f"of the float model ({100 * base:.2f}%); allow a larger drop or a larger budget"
+        )
+    cand = next((c for f, c in finals if f is best), None)
+    cand = cand or make_candidate(trained, spec, opts, best.method, best.target, qat_epochs=0)
+    return dataclasses.replace(best, chosen=True), cand
+
+
+def sweep(
+    spec: PipelineSpec,
+    opts: RunOptions,
+    *,
+    targets=DEFAULT_TARGETS,
+    methods=("qiu", "rb"),
+    max_accuracy_drop: float | None = None,
+    trained: Trained | None = None,
+    workers: int = 2,
+    on_stage=None,
+) -> Report:
+    """Train once (or reuse `trained`), screen each distinct plan, QAT the finalists, deploy the best."""
+    from deploy.search.screen import screen
+
+    for m in methods:
+        check_method(m)
+    spec, _, _ = prepare(spec, opts)
+    clock = StageClock(on_stage) if on_stage else StageClock()
+    trained = trained or train_pipeline(spec, opts, clock)
+    clock("allocate", f"sweeping {len(targets)} targets x {len(methods)} methods (calibrated, no QAT)")
+    rows = screen(distinct_jobs(trained, spec, opts.seed, methods, targets), trained, spec, opts, workers)
+    if not any(r.fits for r in rows):
+        raise _nothing_fits(rows, opts.target)
+    clock("qat", f"QAT fine-tuning of up to {FINALISTS} finalists ({spec.qat_epochs} epochs)")
+    finals = _finalists(rows, trained, spec, opts, max_accuracy_drop)
+    best, cand = _choose(rows, finals, trained, spec, opts, max_accuracy_drop)
+    all_rows = _mark_chosen(rows + [f for f, _ in finals], best)
+    why = _why(best, sum(r.fits for r in rows), opts.target, max_accuracy_drop)
+    summary = SearchSummary(opts.target.describe(), why, tuple(all_rows))
+    return deploy(trained, cand, spec, opts, clock, search=summary)
+
+
+def _mark_chosen(rows: list[SearchRow], best: SearchRow) -> list[SearchRow]:
+    """The rows with the (first) one the winner was picked from replaced by the winner."""
+    i = next(i for i, r in enumerate(rows) if dataclasses.replace(r, chosen=True) == best)
+    return [*rows[:i], best, *rows[i + 1 :]]

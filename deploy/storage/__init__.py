@@ -1,0 +1,88 @@
+"""Weight storages: one module per kind (int8, int4, lut, ...), one table, one way to choose.
+
+Like tflite_micro's compression package (a {type: plugin} table, one small module per method): adding a
+storage is one module with a `KIND` and one entry in STORAGES. Every variant is checked bit for bit in
+TFLM against the converted model before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from deploy.flatbuffer import strip_names
+from deploy.measure.tflm import arena_bytes, run_tflm
+from deploy.storage import int4, int8, lut
+from deploy.storage.base import Storage, StorageError, StorageKind
+
+STORAGES: dict[str, StorageKind] = {k.name: k for k in (int8.KIND, int4.KIND, lut.KIND)}
+AUTO = "auto"
+
+__all__ = ["AUTO", "STORAGES", "Storage", "StorageError", "StorageKind", "choices", "choose", "registered"]
+
+
+def choices() -> tuple[str, ...]:
+    """What --storage accepts: every kind in the table, and auto."""
+    return (*STORAGES, AUTO)
+
+
+@contextmanager
+def registered(kind: StorageKind) -> Iterator[StorageKind]:
+    """Add a storage kind to the table for the duration of a block (plugins, tests)."""
+    if kind.name in STORAGES or kind.name == AUTO:
+        raise StorageError(f"storage {kind.name!r} is already in the table")
+    STORAGES[kind.name] = kind
+    try:
+        yield kind
+    finally:
+        STORAGES.pop(kind.name, None)
+
+
+def check_storage(name: str) -> str:
+    """The name, or a StorageError listing the table."""
+    if name not in choices():
+        raise StorageError(f"unknown storage {name!r}; use one of {', '.join(choices())}")
+    return name
+
+
+def verify_same_outputs(reference_raw: np.ndarray, candidate: bytes, x: np.ndarray, what: str) -> None:
+    """Raise unless candidate's TFLM outputs equal the reference outputs bit for bit on every row of x."""
+    got = run_tflm(candidate, x)
+    if not np.array_equal(reference_raw, got):
+        bad = int(np.sum(np.any(reference_raw != got, axis=1)))
+        raise StorageError(
+            f"{what}: TFLM outputs differ from the uncompressed model on {bad}/{len(x)} samples; "
+            "refusing to write it (use --storage int4 or int8)"
+        )
+
+
+def choose(
+    converted: bytes,
+    storage: str,
+    verify_x: np.ndarray,
+    reference: bytes | None = None,
+    arena_limit: int | None = None,
+) -> tuple[Storage, tuple[Storage, ...]]:
+    """Build the storage variants asked for, verify each against reference (default: converted).
+
+    The smallest flash wins; with arena_limit, the smallest flash among the variants whose TFLM arena
+    fits it (or the smallest arena when none does), since DECODE buffers cost RAM.
+    """
+    auto = check_storage(storage) == AUTO
+    kinds = [k for k in STORAGES.values() if k.in_auto] if auto else [STORAGES[storage]]
+    reference_raw = run_tflm(converted if reference is None else reference, verify_x)
+    variants = []
+    for kind in kinds:
+        built = kind.build(converted)
+        v = Storage(built.kind, strip_names(built.model), built.tensors)
+        verify_same_outputs(reference_raw, v.model, verify_x, f"{v.kind} model")
+        variants.append(v)
+    ranked = variants
+    if arena_limit is not None and len(variants) > 1:
+        arenas = {id(v): arena_bytes(v.model) for v in variants}
+        ranked = [v for v in variants if arenas[id(v)] <= arena_limit]
+        if not ranked:
+            return min(variants, key=lambda v: arenas[id(v)]), tuple(variants)
+    return min(ranked, key=lambda s: len(s.model)), tuple(variants)

@@ -1,0 +1,33 @@
+"""What every weight storage hands on: the stored model and how each weight tensor is kept."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from deploy.flatbuffer import WeightTensor
+from edgeq.errors import EdgeqError
+
+
+class StorageError(EdgeqError):
+    """A storage could not be built, or the stored model computes something else."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """An exported model and how its weights are stored."""
+
+    kind: str
+    model: bytes
+    tensors: tuple[WeightTensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageKind:
+    """One entry of the storage table: how to build it and what it costs the device beyond its bytes."""
+
+    name: str
+    build: Callable[[bytes], Storage]  # the converted model (INT4 where <= 4 bits) -> the stored model
+    description: str
+    decoder: str | None = None  # the DECODE type the firmware needs for it (its code costs flash)
+    in_auto: bool = True  # tried by --storage auto

@@ -1,0 +1,260 @@
+"""TFLM PRUNE storage: one mask bit per weight plus the kept values, restored by a DECODE operator.
+
+The format is what tensorflow/lite/micro/kernels/decode_state_prune.cc reads:
+
+- encoded tensor: one bit per element of the decoded tensor in C order, most significant bit first
+  (element i is bit ``7 - i % 8`` of byte ``i // 8``); 1 means "the next kept value", 0 means "the zero
+  point";
+- ancillary tensor: the 16-byte DECODE Common Metadata (type 2, DCM version 1, byte 4 = PRUNE version 1),
+  then the kept values in C order, in the decoded tensor's own element type.
+
+A pruned element decodes to the tensor's zero point, not to 0: one zero point for a per-tensor
+tensor, the channel's zero point for a per-channel int8 tensor (channel axis 0 or the last axis; the
+runtime rejects any other quantized dimension). TFLite int8 weights are symmetric (zero point 0), so
+"pruned" means "exactly zero" for every weight tensor the converter writes.
+
+This module also holds the model driver the HUFFMAN storage shares (encode_model, storage_of): pick the
+weight tensors, run a plugin over each, keep only the encodings that make the file smaller, and let
+tflite_micro's decode_insert put the DECODE operators in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tflite_micro.tensorflow.lite.micro.compression import (
+    compressor,
+    constant_inputs,
+    decode,
+    decode_insert,
+    model_editor,
+    spec,
+)
+
+# Private in tflite_micro, and the only way to the C++ re-aligner it wraps: the Python flatbuffers
+# builder ignores the schema's force_align, and DECODE reads encoded data as 32-bit words (HUFFMAN) and
+# value tables in their element type, so buffers must keep the 16-byte alignment TFLM assumes.
+from tflite_micro.tensorflow.lite.micro.compression.compress import _apply_flatbuffer_alignment
+from tflite_micro.tensorflow.lite.micro.python.schema_py_generated import TensorType
+
+from deploy.flatbuffer import INT4, INT8, WeightTensor, read, unpack_int4_tensors, weight_inputs
+from deploy.storage.base import Storage, StorageError, StorageKind
+
+PRUNE_VERSION = 1  # decode_state_prune.cc refuses any other value in DCM byte 4
+
+
+@dataclass(frozen=True)
+class PrunedArray:
+    """A tensor as PRUNE stores it: the packed keep mask and the kept values' bytes."""
+
+    mask: bytes
+    values: bytes
+    count: int  # elements of the decoded tensor
+
+    @property
+    def ancillary_data(self) -> bytes:
+        """The whole ancillary tensor: DCM header (PRUNE, version 1) then the kept values."""
+        dcm = decode.DecodeCommonMetadata(
+            decode_type=decode.DecodeType.PRUNING, user_data=bytes([PRUNE_VERSION])
+        )
+        return dcm.to_bytes() + self.values
+
+    @property
+    def size(self) -> int:
+        """Payload bytes: the mask plus the ancillary tensor (flatbuffer bookkeeping not included)."""
+        return len(self.mask) + decode.DecodeCommonMetadata.SIZE + len(self.values)
+
+
+def _broadcast_zero_points(values: np.ndarray, zero_points: np.ndarray | int, axis: int) -> np.ndarray:
+    """Zero points shaped to broadcast against values: a scalar, or one per channel along axis."""
+    zp = np.asarray(zero_points, dtype=np.int64).reshape(-1)
+    if zp.size == 1:
+        return zp.reshape(())
+    if values.ndim == 0 or zp.size != values.shape[axis]:
+        raise StorageError(
+            f"{zp.size} zero points for a tensor of shape {values.shape} along axis {axis}; "
+            "give one zero point, or one per channel"
+        )
+    shape = [1] * values.ndim
+    shape[axis] = zp.size
+    return zp.reshape(shape)
+
+
+def prune_array(values: np.ndarray, zero_points: np.ndarray | int = 0, axis: int = 0) -> PrunedArray:
+    """PRUNE encoding of an array: elements equal to their zero point drop out, the rest stay in C order."""
+    values = np.asarray(values)
+    keep = values != _broadcast_zero_points(values, zero_points, axis)
+    return PrunedArray(
+        mask=np.packbits(keep.reshape(-1), bitorder="big").tobytes(),
+        values=np.ascontiguousarray(values[keep]).tobytes(),
+        count=int(values.size),
+    )
+
+
+def encoded_size(values: np.ndarray, zero_points: np.ndarray | int = 0, axis: int = 0) -> int:
+    """PRUNE payload bytes of an array (mask + DCM + kept values), without building the encoding."""
+    values = np.asarray(values)
+    kept = int(np.count_nonzero(values != _broadcast_zero_points(values, zero_points, axis)))
+    return -(-values.size // 8) + decode.DecodeCommonMetadata.SIZE + kept * values.itemsize
+
+
+def _runtime_zero_points(tensor: model_editor.Tensor) -> tuple[np.ndarray | int, int]:
+    """The zero points and channel axis DecodeStatePrune::Setup will use for tensor's DECODE output."""
+    q = tensor.quantization
+    if q is None:
+        return 0, 0
+    rank = len(tensor.shape)
+    channels = np.size(q.scales)
+    axis = int(q.axis or 0)
+    # Setup accepts the last axis only with more than one channel, and otherwise axis 0 alone.
+    if not (axis == 0 or (axis == rank - 1 and channels > 1)):
+        raise compressor.CompressionError(
+            f"quantized dimension {axis} of a {rank}-D tensor with {channels} scale(s): "
+            "TFLM's PRUNE decoder takes channel axis 0 or the last axis only"
+        )
+    zps = np.asarray(q.zero_points, dtype=np.int64).reshape(-1)
+    if channels > 1 and zps.size != channels:
+        raise compressor.CompressionError(f"{channels} scales but {zps.size} zero points")
+    return (zps if channels > 1 else int(zps[0])), axis
+
+
+class PruneCompressor(compressor.Compressor):
+    """tflite_micro compression plugin for PRUNE (its own pruning.py is a stub that raises)."""
+
+    @property
+    def decode_type(self) -> decode.DecodeType:
+        """DecodeType.PRUNING (2)."""
+        return decode.DecodeType.PRUNING
+
+    def compress(
+        self, tensor: model_editor.Tensor, method: spec.CompressionMethod
+    ) -> compressor.CompressionResult:
+        """The mask as the encoded tensor, DCM + kept values as the ancillary tensor."""
+        if not isinstance(method, spec.PruningCompression):
+            raise compressor.CompressionError(f"PruneCompressor takes PruningCompression, got {type(method)}")
+        if tensor.dtype != INT8 or tensor.array is None:
+            raise compressor.CompressionError("PRUNE here encodes constant INT8 tensors only")
+        zero_points, axis = _runtime_zero_points(tensor)
+        pruned = prune_array(tensor.array, zero_points, axis)
+        return compressor.CompressionResult(encoded_data=pruned.mask, ancillary_data=pruned.ancillary_data)
+
+
+# -- The model driver (shared with deploy.storage.huffman) ---------------------------------------------
+
+
+def weight_tensor_ids(model: model_editor.Model) -> list[tuple[int, int]]:
+    """(subgraph, tensor index) of every constant weight input of a conv, depthwise conv or dense op."""
+    where = {id(t): (si, ti) for si, sg in enumerate(model.subgraphs) for ti, t in enumerate(sg.tensors)}
+    return [where[id(t)] for t, _ in weight_inputs(model)]
+
+
+def _tensor(model: model_editor.Model, sg: int, ti: int) -> model_editor.Tensor:
+    """The named tensor, checked to be a constant INT8 tensor the DECODE output may replace."""
+    if not 0 <= sg < len(model.subgraphs) or not 0 <= ti < len(model.subgraphs[sg].tensors):
+        raise StorageError(f"no tensor {ti} in subgraph {sg}; name tensors as (subgraph, tensor index)")
+    subgraph = model.subgraphs[sg]
+    tensor = subgraph.tensors[ti]
+    if tensor.buffer is None or not len(tensor.buffer.data):
+        raise StorageError(
+            f"tensor {ti} ({tensor.name!r}) of subgraph {sg} is not constant; only weights encode"
+        )
+    if tensor.dtype == INT4:
+        raise StorageError(
+            f"tensor {ti} ({tensor.name!r}) is packed INT4; widen the model with "
+            "deploy.flatbuffer.unpack_int4_tensors first (build() does)"
+        )
+    uses = constant_inputs.find_uses(subgraph, tensor)
+    if uses:
+        raise StorageError(
+            f"tensor {ti} ({tensor.name!r}) must stay constant: " + "; ".join(u.describe() for u in uses)
+        )
+    return tensor
+
+
+def _with_decode(model_bytes: bytes, results: dict[tuple[int, int], compressor.CompressionResult]) -> bytes:
+    """The model with the encoded tensors installed behind DECODE operators, 16-byte aligned."""
+    model = model_editor.read(bytes(model_bytes))
+    with warnings.catch_warnings():
+        # decode_insert warns and skips a tensor sharing its buffer with an unencoded one: size can't drop.
+        warnings.simplefilter("ignore")
+        decode_insert.insert_decode_operators(model, results)
+    for sg, ti in results:
+        encoded = model.subgraphs[sg].tensors[ti]
+        if encoded.dtype == TensorType.UINT8 and encoded.quantization is None:
+            # decode_insert clears the wrapper's quantization, but build() keeps the TensorT's own copy, so
+            # the UINT8 encoded tensor would carry the scales and zero points its DECODE output also
+            # carries: 12 bytes per channel twice (1.5 KB for a 128-channel depthwise filter).
+            encoded._fb.quantization = None
+    return bytes(_apply_flatbuffer_alignment(model.build()))
+
+
+def encode_model(
+    model_bytes: bytes,
+    plugin: compressor.Compressor,
+    method: spec.CompressionMethod,
+    tensors: list[tuple[int, int]] | None = None,
+) -> bytes:
+    """The model with each chosen tensor encoded by plugin behind a DECODE operator, where that pays.
+
+    tensors: (subgraph, tensor index) pairs; None means every conv/dense weight. A tensor is encoded only
+    if its payload (encoded + ancillary bytes) is smaller than its raw bytes and encoding it alone makes
+    the file smaller: each DECODE also costs the flatbuffer 150-350 bytes (an operator, two tensors, their
+    names, alignment), more than a small tensor saves. With nothing worth encoding the input comes back
+    unchanged.
+    """
+    model = model_editor.read(bytes(model_bytes))
+    chosen = weight_tensor_ids(model) if tensors is None else [(int(s), int(t)) for s, t in tensors]
+    results: dict[tuple[int, int], compressor.CompressionResult] = {}
+    for sg, ti in dict.fromkeys(chosen):
+        tensor = _tensor(model, sg, ti)
+        try:
+            result = plugin.compress(tensor, method)
+        except compressor.CompressionError as e:
+            raise StorageError(
+                f"{plugin.decode_type.name} cannot encode tensor {ti} ({tensor.name!r}): {e}"
+            ) from e
+        if len(result.encoded_data) + len(result.ancillary_data) < len(tensor.buffer.data):
+            results[(sg, ti)] = result
+    if not results:
+        return bytes(model_bytes)
+    base = len(_with_decode(model_bytes, {}))  # the rebuilt model, so layouts compare like for like
+    paying = {k: r for k, r in results.items() if len(_with_decode(model_bytes, {k: r})) < base}
+    if not paying:
+        return bytes(model_bytes)
+    encoded = _with_decode(model_bytes, paying)
+    return encoded if len(encoded) < len(model_bytes) else bytes(model_bytes)
+
+
+def compress(model_bytes: bytes, tensors: list[tuple[int, int]] | None = None) -> bytes:
+    """The int8 model with its weights (default: every conv/dense weight) PRUNE-encoded where that pays."""
+    return encode_model(model_bytes, PruneCompressor(), spec.PruningCompression(), tensors)
+
+
+def storage_of(kind: str, converted: bytes, encode: Callable[[bytes], bytes]) -> Storage:
+    """A Storage of the given kind: INT4 tensors widened to int8, then encode(plain model) applied.
+
+    With no tensor worth encoding the model is plain int8 and says so, as the LUT storage does.
+    """
+    plain = unpack_int4_tensors(converted)
+    encoded = encode(plain)
+    tensors = tuple(WeightTensor.of(t, op) for t, op in weight_inputs(read(plain)))
+    return Storage(kind if encoded != plain else "int8", encoded, tensors)
+
+
+def build(converted: bytes) -> Storage:
+    """PRUNE storage of a converted model (INT4 widened to int8 first)."""
+    return storage_of("prune", converted, compress)
+
+
+KIND = StorageKind(
+    "prune",
+    build,
+    "a mask bit per weight plus the non-zero values; DECODE restores int8",
+    decoder="PRUNE",
+    # Not in --storage auto yet: auto ranks by file bytes, which leave out the DECODE kernel's code and
+    # the decode time each Invoke pays (HUFFMAN: 2x the digits model's host latency).
+    in_auto=False,
+)

@@ -1,0 +1,106 @@
+"""The target: board, budgets, decode budget and kernel set, loaded once and handed to every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deploy.boards import KERNEL_SETS, Board, BoardError, FitResult, fit_check, load_board, parse_size
+
+DEFAULT_DECODE_BUDGET = 16 * 1024
+DECOMPRESS_TO = ("arena", "alt")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the model goes: a board (or none), the budgets the search must meet, how DECODE runs."""
+
+    board: Board | None = None
+    flash_budget: int | None = None  # explicit --flash-budget, tightening the board's
+    ram_budget: int | None = None  # explicit --ram-budget, tightening the board's
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET  # bytes of decompressed weights per slice; None: none
+    decompress_to: str = "arena"  # or "alt": DECODE writes into a separate memory region
+    kernels: str = "reference"  # the TFLM kernel set the firmware links
+
+    @property
+    def model_flash(self) -> int | None:
+        """Flash the model may take: the board's less its firmware allowance, tightened by --flash-budget."""
+        limits = [b for b in (self.flash_budget, self.board and self.board.model_flash_budget) if b]
+        return min(limits) if limits else None
+
+    @property
+    def model_ram(self) -> int | None:
+        """Arena the model may take: the board's RAM less its stack allowance, tightened by --ram-budget."""
+        limits = [b for b in (self.ram_budget, self.board and self.board.arena_budget) if b]
+        return min(limits) if limits else None
+
+    @property
+    def searching(self) -> bool:
+        """True when a budget asks for a search rather than one plan."""
+        return self.model_flash is not None or self.model_ram is not None
+
+    def fits(self, flash: int, arena: int) -> bool:
+        """True when both figures are within the budgets."""
+        return (self.model_flash is None or flash <= self.model_flash) and (
+            self.model_ram is None or arena <= self.model_ram
+        )
+
+    def describe(self) -> str:
+        """'flash <= N B, arena <= M B', or 'no budget'."""
+        parts = [
+            f"flash <= {self.model_flash:,} B" if self.model_flash is not None else "",
+            f"arena <= {self.model_ram:,} B" if self.model_ram is not None else "",
+        ]
+        return ", ".join(p for p in parts if p) or "no budget"
+
+    def fit(self, flash: int, arena: int) -> FitResult | None:
+        """The board's fit check (margins and the message the report prints); None without a board."""
+        return fit_check(self.board, flash, arena) if self.board is not None else None
+
+
+def default_decode_budget(board: Board | None) -> int:
+    """16 KiB, or with a board a quarter of its free RAM (whole KiB, at least 1 KiB, at most 16 KiB).
+
+    The arena also holds activations and TFLM's own structures: a quarter of the RAM left after the
+    stack allowance goes to the one decompressed slice.
+    """
+    if board is None:
+        return DEFAULT_DECODE_BUDGET
+    return max(1024, min(DEFAULT_DECODE_BUDGET, board.arena_budget // 4 // 1024 * 1024))
+
+
+def load_target(
+    board: str | None = None,
+    flash_budget: str | int | None = None,
+    ram_budget: str | int | None = None,
+    decode_budget: str | int | None = None,
+    decompress_to: str = "arena",
+    kernels: str | None = None,
+) -> Target:
+    """The Target from what a user typed; BoardError with the reason for anything that does not parse."""
+    b = load_board(board) if board else None
+    if decompress_to not in DECOMPRESS_TO:
+        raise BoardError(f"unknown decompress-to {decompress_to!r}; use arena or alt")
+    kernels = kernels or (b.kernels if b else "reference")
+    if kernels not in KERNEL_SETS:
+        raise BoardError(f"unknown kernel set {kernels!r}; use one of {', '.join(KERNEL_SETS)}")
+    if isinstance(decode_budget, str) and decode_budget.strip().lower() == "none":
+        decode = None
+    elif decode_budget is None:
+        decode = default_decode_budget(b)
+    else:
+        decode = _positive(decode_budget, "decode budget")
+    return Target(
+        board=b,
+        flash_budget=_positive(flash_budget, "flash budget") if flash_budget is not None else None,
+        ram_budget=_positive(ram_budget, "RAM budget") if ram_budget is not None else None,
+        decode_budget=decode,
+        decompress_to=decompress_to,
+        kernels=kernels,
+    )
+
+
+def _positive(text: str | int, what: str) -> int:
+    value = parse_size(text)
+    if value <= 0:
+        raise BoardError(f"{what} {text!r} must be a positive number of bytes, e.g. 16KiB")
+    return value

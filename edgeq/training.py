@@ -1,0 +1,114 @@
+"""Training stages on plain values: the float model, its Bayesian twin, and QAT fine-tuning.
+
+Each function takes the pipeline's spec, the data and a seed, reports what it starts through an
+optional `on_stage(name, text)` callback, and returns plain values; none knows about files or flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from edgeq.data import Splits
+from edgeq.errors import ModelError
+from edgeq.pipeline import PipelineSpec
+from edgeq.posterior import LayerPosterior
+
+OnStage = Callable[[str, str], None]
+
+
+def _silent(name: str, text: str) -> None:
+    pass
+
+
+def loss_and_metrics(task: str):
+    """The Keras loss and metrics of a task (logits for classification)."""
+    import tf_keras as keras
+
+    if task == "regression":
+        return keras.losses.MeanSquaredError(), ["mae"]
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What training hands on: the data, the float model, its Bayesian twin and the twin's posteriors."""
+
+    splits: Splits
+    float_model: object
+    bnn: object | None  # None in a screening worker, which needs only det and the posteriors
+    det: object  # M_det: the float architecture carrying the posterior means
+    posteriors: tuple[LayerPosterior, ...]
+    sizes: Mapping[str, int]  # weights per quantizable layer
+
+    @property
+    def deterministic_layers(self) -> list[str]:
+        """Quantizable layers the twin has no posterior for (TFP has no variational DepthwiseConv2D)."""
+        return sorted(set(self.sizes) - {p.name for p in self.posteriors})
+
+
+def train_float(spec: PipelineSpec, splits: Splits, seed: int):
+    """Build the pipeline's model and train it (deterministic ops, seeded)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from edgeq.optimize import weight_layers
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    model = spec.build_model(splits.input_shape, splits.num_classes)
+    if not weight_layers(model):
+        raise ModelError(
+            f"model {model.name!r} has no layer edgeq can quantize (Conv2D, DepthwiseConv2D, Dense)"
+        )
+    loss, metrics = loss_and_metrics(splits.task)
+    model.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
+    model.fit(
+        splits.x_train,
+        splits.y_train,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        validation_data=(splits.x_val, splits.y_val),
+        verbose=0,
+    )
+    return model
+
+
+def train(spec: PipelineSpec, splits: Splits, seed: int, on_stage: OnStage = _silent) -> Trained:
+    """The float model and its Bayesian twin (TFP Flipout layers, kernel means from the float weights)."""
+    from edgeq import bayes
+    from edgeq.optimize import weight_layers
+
+    on_stage("float", "training the float Keras model")
+    float_model = train_float(spec, splits, seed)
+    sizes = weight_layers(float_model)
+    on_stage("bayes", "training the Bayesian twin (TFP Flipout)")
+    bnn = bayes.train_bayesian(
+        lambda: bayes.to_bayesian(float_model, num_examples=len(splits.x_train), init_sigma=spec.init_sigma),
+        splits.x_train,
+        splits.y_train,
+        loss=loss_and_metrics(splits.task)[0],
+        epochs=spec.bnn_epochs,
+        batch_size=spec.batch_size,
+        lr=spec.bnn_lr,
+    )
+    posts = tuple(p for p in bayes.posteriors(bnn) if p.name in sizes)
+    return Trained(splits, float_model, bnn, bayes.to_deterministic(bnn, float_model), posts, sizes)
+
+
+def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int) -> None:
+    """TF-MOT QAT for `epochs`; with 0 epochs, one pass at learning rate 0 only calibrates the ranges.
+
+    The quantizers' ranges (activations' moving averages, kernels' last values) are set in training
+    mode, so even a model that is not fine-tuned needs one pass before conversion.
+    """
+    import tf_keras as keras
+
+    from edgeq.optimize import bake_levels
+
+    loss, metrics = loss_and_metrics(splits.task)
+    optimizer = keras.optimizers.Adam(spec.qat_lr) if epochs > 0 else keras.optimizers.SGD(0.0)
+    qat.compile(optimizer, loss, metrics)
+    qat.fit(splits.x_train, splits.y_train, epochs=max(epochs, 1), batch_size=spec.batch_size, verbose=0)
+    bake_levels(qat)

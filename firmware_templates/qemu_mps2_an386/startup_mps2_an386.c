@@ -1,0 +1,116 @@
+// startup_mps2_an386.c: vector table and reset handler for QEMU's mps2-an386 (Cortex-M4 with FPU).
+//
+// Reset: enable the FPU (the firmware is built with -mfloat-abi=hard, so the first VFP instruction would
+// fault with the coprocessor off), copy .data from its load address, zero .bss, run the C++ constructors,
+// call main(). A fault prints one line on UART0 and ends QEMU through semihosting (run QEMU with
+// -semihosting-config enable=on), so a crash shows as an exit with a message rather than a silent hang.
+#include <stdint.h>
+
+#include "mps2_an386.h"
+
+extern uint32_t _sidata, _sdata, _edata, _sbss, _ebss, __stack_top;
+extern int main(void);
+extern void __libc_init_array(void);
+
+void Reset_Handler(void);
+void Default_Handler(void);
+void HardFault_Handler(void);
+
+// -nostartfiles drops crti.o/crtbegin.o: __libc_init_array still calls _init, and the registrations of
+// C++ static destructors (never run: main does not return) name __dso_handle.
+void _init(void) {}
+void _fini(void) {}
+void* __dso_handle = &__dso_handle;
+
+void Reset_Handler(void) {
+  MPS2_SCB_CPACR |= (0xFu << 20);  // CP10 and CP11: full access
+  __asm volatile("dsb\n\tisb" ::: "memory");
+  const uint32_t* src = &_sidata;
+  for (uint32_t* dst = &_sdata; dst < &_edata;) *dst++ = *src++;
+  for (uint32_t* dst = &_sbss; dst < &_ebss;) *dst++ = 0u;
+  __libc_init_array();
+  main();
+  mps2_semihosting_exit(0);
+  for (;;) {
+  }
+}
+
+static void fault_print(const char* s) {
+  for (; *s; ++s) {
+    while (MPS2_UART0_STATE & MPS2_UART_STATE_TXFULL) {
+    }
+    MPS2_UART0_DATA = (uint32_t)(uint8_t)*s;
+  }
+}
+
+static void fault_print_hex(uint32_t v) {
+  char buf[11] = "0x00000000";
+  for (int i = 0; i < 8; ++i) buf[9 - i] = "0123456789abcdef"[(v >> (4 * i)) & 0xFu];
+  fault_print(buf);
+}
+
+// Reports the exception number, the stacked PC and the fault status, then ends the emulation.
+__attribute__((used)) static void fault_report(const uint32_t* frame, uint32_t exc_return) {
+  uint32_t ipsr;
+  __asm volatile("mrs %0, ipsr" : "=r"(ipsr));
+  (void)exc_return;
+  fault_print("\r\nedgeq: fault, exception ");
+  fault_print_hex(ipsr & 0x1FFu);
+  fault_print(" pc ");
+  fault_print_hex(frame[6]);
+  fault_print(" lr ");
+  fault_print_hex(frame[5]);
+  fault_print(" cfsr ");
+  fault_print_hex(MPS2_SCB_CFSR);
+  fault_print(" hfsr ");
+  fault_print_hex(MPS2_SCB_HFSR);
+  fault_print("\r\n");
+  mps2_semihosting_exit(1);
+  for (;;) {
+  }
+}
+
+// Picks the stack the faulting code used (EXC_RETURN bit 2) and hands its exception frame to fault_report.
+__attribute__((naked)) void HardFault_Handler(void) {
+  __asm volatile(
+      "tst lr, #4\n\t"
+      "ite eq\n\t"
+      "mrseq r0, msp\n\t"
+      "mrsne r0, psp\n\t"
+      "mov r1, lr\n\t"
+      "b fault_report\n\t");
+}
+
+void Default_Handler(void) { HardFault_Handler(); }
+
+#define WEAK_ALIAS __attribute__((weak, alias("Default_Handler")))
+void NMI_Handler(void) WEAK_ALIAS;
+void MemManage_Handler(void) WEAK_ALIAS;
+void BusFault_Handler(void) WEAK_ALIAS;
+void UsageFault_Handler(void) WEAK_ALIAS;
+void SVC_Handler(void) WEAK_ALIAS;
+void DebugMon_Handler(void) WEAK_ALIAS;
+void PendSV_Handler(void) WEAK_ALIAS;
+void SysTick_Handler(void) WEAK_ALIAS;
+
+// 16 core exceptions + the 32 external interrupts QEMU's mps2-an386 wires (num-irq 32); none is enabled.
+typedef void (*vector_fn)(void);
+__attribute__((section(".isr_vector"), used)) const vector_fn g_vectors[16 + 32] = {
+    (vector_fn)(uintptr_t)&__stack_top,
+    Reset_Handler,
+    NMI_Handler,
+    HardFault_Handler,
+    MemManage_Handler,
+    BusFault_Handler,
+    UsageFault_Handler,
+    0,
+    0,
+    0,
+    0,
+    SVC_Handler,
+    DebugMon_Handler,
+    0,
+    PendSV_Handler,
+    SysTick_Handler,
+    [16 ... 47] = Default_Handler,
+};
