@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -155,7 +156,8 @@ def _markdown(res: dict) -> str:
         f"- flags: `{' '.join(qemu.CPU_FLAGS + qemu.OPT_FLAGS)}`, {' '.join(qemu.CXX_FLAGS)}, "
         f"{' '.join(qemu.LINK_FLAGS)}",
         f"- TFLM trees: {trees}",
-        f"- total: {res['seconds']:.0f} s",
+        f"- total: {res['seconds']:.0f} s; 1-minute load average {res['load_average'][0]} at the start, "
+        f"{res['load_average'][1]} at the end (build times grow with it)",
         "",
         "Rows: outputs bit-identical to host TFLM (pip tflite_micro) out of the test split. Arena: what the "
         "firmware reports in INFO (`arena_used_bytes()` on the 32-bit target) vs edgeq's host figure "
@@ -203,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results .md (a .json goes beside it)")
     args = ap.parse_args(argv)
-    cmd = "python benchmarks/qemu_firmware.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = " ".join(["python benchmarks/qemu_firmware.py", *(argv if argv is not None else sys.argv[1:])])
     given = dict(b.split("=", 1) for b in args.build)
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()
     try:
         for kernels in qemu.KERNELS:
             qemu.find_tree(kernels, args.tflm_root)
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "tools": tools,
         "seconds": round(time.monotonic() - t0, 1),
+        # Build times depend on what else the machine runs: the 1-minute load average at start and end.
+        "load_average": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
     }
     atomic_write_text(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")

@@ -17,7 +17,7 @@ import numpy as np
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import report
-from deploy.artifacts import prepare_out, staging
+from deploy.artifacts import check_space, prepare_out, staging
 from deploy.export import Exported, ExportOptions, convert, convert_float, export
 from deploy.measure import Measurement, alt_decompression_size, measure_litert, measure_tflm
 from deploy.measure.litert import RESOLVERS
@@ -25,13 +25,20 @@ from deploy.storage import AUTO, check_storage
 from deploy.target import Target
 from edgeq.allocators import allocate, check_method
 from edgeq.errors import PlanError
-from edgeq.pipeline import PipelineSpec
+from edgeq.pipeline import PipelineSpec, check_spec, load_splits
 from edgeq.plan import BitPlan
 from edgeq.scoring import keras_score
-from edgeq.training import Trained, fine_tune, train
+from edgeq.training import Trained, build_float, fine_tune, train
+from edgeq.validate import check_splits
 
 OnStage = Callable[[str, str], None]
 STAGES = ("data", "float", "bayes", "allocate", "qat", "export", "measure", "write")
+# What a run may write at the top of --out (a search adds pareto.*): checked for foreign files up front.
+ARTIFACTS = tuple(
+    """model_float.keras model_qat.keras bitplan.json model_int8.tflite model_uncompressed.tflite model.tflite
+    model_data.h model_data.cc firmware test_data.npz report.json report.md report.html bits_per_layer.png
+    flash_bytes.png pareto.json pareto.png""".split()
+)
 
 
 def _silent(name: str, text: str) -> None:
@@ -50,7 +57,9 @@ class RunOptions:
     data: str | None = None
     epochs: int | None = None  # caps every training stage (smoke runs)
     keep_dense: bool = False  # Dense as FULLY_CONNECTED instead of 1x1 CONV_2D (see quantize_model)
+    qat_start: str = "float"  # QAT from the float weights, or "twin": from the Bayesian twin's means
     target: Target = field(default_factory=Target)
+    force: bool = False  # replace files in out that edgeq did not write (see deploy.artifacts)
 
 
 def check_target_bits(bits: float) -> float:
@@ -88,17 +97,28 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
     target = check_target_bits(opts.target_bits if opts.target_bits is not None else spec.target_bits)
     method = check_method(opts.method or spec.method).name
     check_storage(opts.storage)
+    check_spec(spec, opts.data)
     if opts.epochs is not None:
+        if opts.epochs < 1:
+            raise PlanError(f"--epochs {opts.epochs} must be at least 1")
         spec = spec.with_epochs(opts.epochs)
-    prepare_out(Path(opts.out))
+    prepare_out(Path(opts.out), ARTIFACTS, force=opts.force)
     return spec, target, method
 
 
 def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _silent) -> Trained:
     """Stages 1-3: the pipeline's data, the float model, its Bayesian twin."""
     on_stage("data", f"loading data for pipeline {spec.name!r}")
-    splits = spec.load_data(seed=opts.seed, data=opts.data)
-    return train(spec, splits, opts.seed, on_stage)
+    splits = load_splits(spec, opts.seed, opts.data)
+    check_splits(splits)  # the arrays alone first: building the model reads the labels' range
+    model = build_float(spec, splits, opts.seed)
+    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
+    outputs = int(model.outputs[0].shape[-1] or 1) if getattr(model, "outputs", None) else None
+    check_splits(splits, shape, outputs, splits.task)
+    # Models (float, QAT, two .tflite), C arrays in four copies, the test split, reports and plots.
+    need = 64 * model.count_params() + splits.x_test.nbytes + splits.y_test.nbytes + (1 << 20)
+    check_space(Path(opts.out), need)
+    return train(spec, splits, opts.seed, on_stage, model=model)
 
 
 def make_candidate(
@@ -112,15 +132,23 @@ def make_candidate(
     plan: BitPlan | None = None,
 ) -> Candidate:
     """Stages 4-6 for one (method, target) or a given plan: allocate, project + QAT, export."""
-    from edgeq.optimize import project_weights, quantize_model
+    from edgeq.optimize import prepare_qat
 
     on_stage("allocate", f"allocating bits ({method}, target {target_bits:g} mean bits)")
     t0 = time.perf_counter()
     plan = plan or allocate(method, trained, target_bits, spec, opts.seed)
     allocate_s = time.perf_counter() - t0
     on_stage("qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)")
-    # Start QAT from the plan's own grids (uniform on its range, or the quantile levels).
-    qat = quantize_model(project_weights(trained.det, plan), plan, keep_dense=opts.keep_dense)
+    # QAT starts from the float weights (or the twin's means) on fixed grids whose ranges minimise the
+    # twin's uncertainty-weighted error; quantile levels are projected (benchmarks/results/lowbit_qat.md).
+    qat = prepare_qat(
+        trained.det,
+        trained.float_model,
+        plan,
+        trained.posteriors,
+        start=opts.qat_start,
+        keep_dense=opts.keep_dense,
+    )
     fine_tune(qat, trained.splits, spec, qat_epochs)
     on_stage("export", f"converting, slicing and storing the weights ({opts.storage})")
     s = trained.splits
@@ -237,9 +265,11 @@ def deploy(
     measured = measure_run(trained, cand, opts.target)
     out = Path(opts.out)
     clock("write", f"writing artifacts to {out}")
-    with staging(out) as stage:
+    with staging(out, force=opts.force) as stage:
         carrays = write_artifacts(stage, trained, cand, measured, spec.name, opts.target)
-        facts = report.RunFacts(spec.name, opts.seed, cand, trained, measured, opts.target, carrays)
+        facts = report.RunFacts(
+            spec.name, opts.seed, spec.source, cand, trained, measured, opts.target, carrays
+        )
         rep = report.build(facts, stage_seconds=clock.close(), search=search)
         report.write(stage, rep)
     return rep

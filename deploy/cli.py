@@ -53,6 +53,8 @@ def _options(args: argparse.Namespace):
     _finite(args.max_accuracy_drop, "--max-accuracy-drop", 0.0)
     if args.workers < 1:
         raise EdgeqError(f"--workers {args.workers} must be at least 1")
+    if not args.out.strip():  # Path("") is ".": the current folder, which nobody means by an empty name
+        raise EdgeqError("--out needs a folder name (e.g. --out out/); an empty one would mean this folder")
     target = load_target(
         args.board, args.flash_budget, args.ram_budget, args.decode_budget, args.decompress_to, args.kernels
     )
@@ -65,7 +67,9 @@ def _options(args: argparse.Namespace):
         data=args.data,
         epochs=args.epochs,
         keep_dense=args.keep_dense,
+        qat_start=args.qat_start,
         target=target,
+        force=args.force,
     )
     return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods)
 
@@ -89,12 +93,30 @@ def _sweep_methods(text: str) -> tuple[str, ...]:
     return tuple(check_method(m).name for m in methods)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from deploy.app import run
+def _spec(args: argparse.Namespace):
+    """The pipeline: a script, or a model file and an .npz (--model, --data)."""
     from edgeq.pipeline import load_pipeline
 
+    if (args.pipeline is None) == (args.model is None):
+        raise EdgeqError(
+            "give a pipeline script (edgeq run pipelines/digits.py) or --model MODEL --data DATA.npz"
+        )
+    if args.pipeline is not None:
+        if args.task or args.no_train:
+            raise EdgeqError("--task and --no-train go with --model; a pipeline script sets its own")
+        return load_pipeline(args.pipeline)
+    if args.data is None:
+        raise EdgeqError("--model needs --data DATA.npz with x_train, y_train, x_test, y_test")
+    from edgeq.byo import pipeline_from_files
+
+    return pipeline_from_files(args.model, args.data, task=args.task, train=not args.no_train)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deploy.app import run
+
     opts, targets, methods = _options(args)
-    spec = load_pipeline(args.pipeline)
+    spec = _spec(args)
     progress = Progress(args.quiet, args.stderr)
     if opts.target.searching or args.max_accuracy_drop is not None:
         from deploy.search import sweep
@@ -120,7 +142,7 @@ def summary_line(body: dict, out: str) -> str:
     """The one line a run prints when it is done."""
     d, key = body["models"]["deployed"], "accuracy" if "accuracy" in body["models"]["float"] else "mae"
     return (
-        f"{body['pipeline']}: mean bits {body['plan']['mean_bits']:.3f}, "
+        f"{' '.join(str(body['pipeline']).split())}: mean bits {body['plan']['mean_bits']:.3f}, "
         f"deployed {d['flash_bytes']:,} B flash "
         f"({d['storage']}, int8 {body['models']['int8']['flash_bytes']:,} B), arena {d['arena_bytes']:,} B, "
         f"TFLM {key} {d[key + '_tflm']:.4f} (float {body['models']['float'][key]:.4f}) -> {out}"
@@ -135,25 +157,38 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser, with one sub-command per job."""
-    from deploy.boards import KERNEL_SETS
-    from deploy.storage import AUTO, STORAGES
-    from deploy.storage import choices as storage_choices
-    from edgeq.allocators import ALLOCATORS
-
-    p = argparse.ArgumentParser(
-        prog="edgeq",
-        description="Uncertainty-driven mixed-precision quantization of Keras models for TFLite Micro.",
+def _model_args(r: argparse.ArgumentParser) -> None:
+    """What to run: the pipeline or model, data, output, training budget."""
+    r.add_argument(
+        "pipeline",
+        nargs="?",
+        default=None,
+        help="a pipeline script, e.g. pipelines/digits.py (or use --model)",
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser(
-        "run",
-        help="train, allocate bits, quantize, export and measure one pipeline",
-        description="Run a pipeline script end to end and write every artifact into --out.",
+    r.add_argument(
+        "--model",
+        default=None,
+        help="bring your own model: a .keras (Keras 3 or tf_keras) or .h5 file, with --data DATA.npz "
+        "holding x_train, y_train, x_test, y_test (optionally x_val, y_val); no pipeline script needed",
     )
-    r.add_argument("pipeline", help="a pipeline script, e.g. pipelines/digits.py")
+    r.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        default=None,
+        help="with --model (default: detected)",
+    )
+    r.add_argument(
+        "--no-train",
+        action="store_true",
+        help="with --model: it comes trained, the float stage only evaluates it",
+    )
     r.add_argument("--out", default="out", help="output folder (default: out)")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files in --out that edgeq did not write (its edgeq-manifest.json does not list them); "
+        "without it such a folder is refused before any work",
+    )
     r.add_argument(
         "--target-bits",
         type=float,
@@ -163,6 +198,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--seed", type=int, default=0, help="seed for the split, training and allocation (default 0)"
     )
+    r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines")
+
+
+def _plan_args(r: argparse.ArgumentParser) -> None:
+    """How to plan, store and deploy the weights (choices from the tables)."""
+    from deploy.boards import KERNEL_SETS
+    from deploy.storage import AUTO, STORAGES
+    from deploy.storage import choices as storage_choices
+    from edgeq.allocators import ALLOCATORS
+
     r.add_argument(
         "--method",
         choices=tuple(ALLOCATORS),
@@ -197,6 +243,13 @@ def parser() -> argparse.ArgumentParser:
         help="where DECODE writes LUT weights: the tensor arena, or a separate alternate memory region",
     )
     r.add_argument(
+        "--qat-start",
+        choices=("float", "twin"),
+        default="float",
+        help="QAT starts from the float model's weights (default) or the Bayesian twin's means; the twin "
+        "sets the plan and the grids' ranges either way",
+    )
+    r.add_argument(
         "--keep-dense",
         action="store_true",
         help="deploy Dense layers as FULLY_CONNECTED, not 1x1 CONV_2D: 8 B less arena per output unit and "
@@ -208,6 +261,10 @@ def parser() -> argparse.ArgumentParser:
         help="split weight tensors larger than this when decompressed (default 16KiB, with --board a quarter "
         "of its free RAM up to 16KiB; 'none': never)",
     )
+
+
+def _search_args(r: argparse.ArgumentParser) -> None:
+    """The budget search: board, budgets, targets, methods, workers."""
     r.add_argument(
         "--board",
         default=None,
@@ -237,8 +294,22 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--sweep-methods", default="qiu,rb", help="comma-separated allocation methods a search tries (qiu,rb)"
     )
-    r.add_argument("--quiet", action="store_true", help="no progress display")
-    r.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser, with one sub-command per job."""
+    p = argparse.ArgumentParser(
+        prog="edgeq",
+        description="Uncertainty-driven mixed-precision quantization of Keras models for TFLite Micro.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run",
+        help="train, allocate bits, quantize, export and measure one pipeline",
+        description="Run a pipeline script end to end and write every artifact into --out.",
+    )
+    for add in (_model_args, _plan_args, _search_args):
+        add(r)
     r.set_defaults(func=_run)
     i = sub.add_parser("inspect", help="operators, tensors, arena and flash of any .tflite")
     i.add_argument("model", help="a .tflite file")

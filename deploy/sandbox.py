@@ -3,7 +3,8 @@
 deploy.verify refuses what it can see is malformed, but TFLM's kernels still trust the values a file
 gives them (strides, padding, options of the wrong type, offline memory plans). So the part that
 hands the bytes to TFLM runs in a fresh interpreter (``sys.executable -P -c``) that imports only
-numpy and tflite_micro, about 0.2 s per call; its C output comes back for the error message.
+numpy and tflite_micro (about 0.2 s per call on an idle machine); its C output comes back for the
+error message.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from edgeq.errors import EdgeqError
 
-# The host arena of deploy's TFLM measurements (deploy.tflm.host_arena_size: 4 MiB + 4x the model).
+# The host arena of deploy's TFLM measurements (deploy.measure.tflm.host_arena_size: 4 MiB + 4x the model).
 _BASE_ARENA = 4 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
 _ARENA_RE = re.compile(r"Arena allocation total (\d+) bytes")
@@ -101,7 +102,7 @@ def _custom_ops(model_bytes: bytes) -> tuple[str, ...]:
     from deploy.verify import builtin_code, opcode_name, parse_verified
 
     fb = parse_verified(model_bytes)
-    names = {opcode_name(oc) for oc in fb.operatorCodes if builtin_code(oc) == 32}
+    names = {opcode_name(oc) for oc in fb.operatorCodes if builtin_code(oc) == 32}  # BuiltinOperator.CUSTOM
     return tuple(sorted(names - {DECODE_OP}))
 
 
@@ -148,7 +149,8 @@ def tflm_arena_isolated(
     if result is None:
         last = next((ln for ln in reversed(output.splitlines()) if ln.strip()), "no output")
         raise FlatbufferError(
-            f"TFLM's child process ended with status {r.returncode} on {label}: {last[:200]}"
+            f"TFLM's child process ended with status {r.returncode} on {label} ({last[:200]}); check that "
+            f"tflite-micro is installed for {sys.executable}"
         )
     if not result["ok"]:
         custom = _custom_ops(data) if "op code CUSTOM" in output else ()

@@ -9,6 +9,7 @@ against what the file holds.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -18,8 +19,9 @@ from deploy.flatbuffer import DECODE_OP, FlatbufferError
 
 # Smallest flatbuffer with a root table: root offset, file identifier, a vtable and a table.
 MIN_BYTES = 16
-# "Not absurd": no tensor above the 2 GiB a flatbuffer can address, no rank above what any TFLite
-# kernel takes (TFLM's RuntimeShape holds 6 dimensions; LiteRT's broadcasting ops go to 8).
+# "Not absurd": no tensor above the 2 GiB a flatbuffer can address, and no rank far beyond what any
+# kernel takes (TFLM's RuntimeShape holds 6 dimensions, LiteRT's broadcasting ops 8): a higher rank
+# is legal but TFLM-unfriendly, and the sandbox reports what TFLM makes of it.
 MAX_TENSOR_BYTES = 2**31
 MAX_RANK = 16
 _TODO = "pass a .tflite written by the TFLite converter"
@@ -78,13 +80,13 @@ def opcode_name(op_code) -> str:
     return _builtin_names().get(code, f"BUILTIN_{code}")
 
 
-_BUILTINS: dict[int, str] = {}
-
-
+@functools.cache
 def _builtin_names() -> dict[int, str]:
-    if not _BUILTINS:
-        _BUILTINS.update(_names(_schema().BuiltinOperator))
-    return _BUILTINS
+    return _names(_schema().BuiltinOperator)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:120]
 
 
 def _bad(label: str, what: str) -> FlatbufferError:
@@ -140,8 +142,8 @@ def _subgraph_refs(options) -> list[int]:
     return refs
 
 
-def _check_tensor(t, where: str, buffers, n_file: int, label: str, types: dict[int, str]) -> int | None:
-    """Check one tensor's type, shape, buffer and quantization; return its stored bytes (None: no data)."""
+def _check_tensor(t, where: str, buffers, label: str, types: dict[int, str], lut_indices: bool) -> None:
+    """Check one tensor's type, shape, buffer (bytes = elements x type size) and quantization."""
     type_name = types.get(int(t.type))
     if type_name is None:
         raise _bad(label, f"{where} has tensor type {int(t.type)}, which the TFLite schema does not define")
@@ -174,9 +176,13 @@ def _check_tensor(t, where: str, buffers, n_file: int, label: str, types: dict[i
     zeros = 0 if q is None or q.zeroPoint is None else len(q.zeroPoint)
     if scales and zeros and zeros != scales:
         raise _bad(label, f"{where} has {scales} quantization scales but {zeros} zero points")
-    if scales > 1 and not 0 <= int(q.quantizedDimension) < len(shape):
-        raise _bad(label, f"{where} is quantized along dimension {int(q.quantizedDimension)} of {len(shape)}")
-    return stored
+    if scales > 1:
+        axis = int(q.quantizedDimension)
+        if not 0 <= axis < len(shape):
+            raise _bad(label, f"{where} is quantized along dimension {axis} of {len(shape)}")
+        # A LUT-compressed tensor keeps its decoded tensor's per-channel scales over its packed indices.
+        if shape[axis] != scales and not lut_indices:
+            raise _bad(label, f"{where} has {scales} per-channel scales for {shape[axis]} channels")
 
 
 def _check_model(fb, buf: bytes, label: str) -> None:
@@ -231,15 +237,7 @@ def _check_model(fb, buf: bytes, label: str) -> None:
         _check_indices(sg.inputs, n, label, f"an input of subgraph {si}", allow_absent=False)
         _check_indices(sg.outputs, n, label, f"an output of subgraph {si}", allow_absent=False)
         for ti, t in enumerate(tensors):
-            where = f"tensor {ti} of subgraph {si}"
-            _check_tensor(t, where, buffers, n_file, label, types)
-            q = t.quantization
-            scales = 0 if q is None or q.scale is None else len(q.scale)
-            # A LUT-compressed tensor keeps its decoded tensor's per-channel scales over its packed indices.
-            if scales > 1 and ti not in decode_inputs and t.shape is not None:
-                dim = int(t.shape[int(q.quantizedDimension)])
-                if dim != scales:
-                    raise _bad(label, f"{where} has {scales} per-channel scales for {dim} channels")
+            _check_tensor(t, f"tensor {ti} of subgraph {si}", buffers, label, types, ti in decode_inputs)
     for i, meta in enumerate(fb.metadata or []):
         _text(meta.name, label, f"the name of metadata entry {i}")
         if not 0 <= int(meta.buffer) < len(buffers):
@@ -274,13 +272,13 @@ def parse_verified(model_bytes: bytes, label: str = "the model"):
     except FlatbufferError:
         raise
     except Exception as e:  # noqa: BLE001  (corrupt offsets fail the reader in many ways)
-        raise _bad(label, f"truncated or corrupt: {type(e).__name__}: {str(e)[:120]}") from e
+        raise _bad(label, f"truncated or corrupt: {type(e).__name__}: {_one_line(e)}") from e
     try:
         _check_model(fb, buf, label)
     except FlatbufferError:
         raise
     except Exception as e:  # noqa: BLE001  (a field of an unexpected type: still a corrupt file)
-        raise _bad(label, f"corrupt: {type(e).__name__}: {str(e)[:120]}") from e
+        raise _bad(label, f"corrupt: {type(e).__name__}: {_one_line(e)}") from e
     return fb
 
 

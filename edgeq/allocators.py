@@ -9,13 +9,13 @@ plus one entry (or `registered(...)` from a plugin or test).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeq.errors import PlanError
 from edgeq.pipeline import PipelineSpec
 from edgeq.plan import BitPlan, LayerBits
+from edgeq.registry import registered as table_entry
 from edgeq.training import Trained
 
 AllocateFn = Callable[[Trained, float, PipelineSpec, int], BitPlan]
@@ -79,7 +79,7 @@ def _bayesian_bits(trained: Trained, target: float, spec: PipelineSpec, seed: in
     keras.utils.set_random_seed(seed)
     s = trained.splits
     bb = to_bayesian_bits(trained.float_model, lam=BB_LAMBDA)
-    bb.compile(keras.optimizers.Adam(spec.qat_lr * 10), *loss_and_metrics(s.task))
+    bb.compile(keras.optimizers.Adam(spec.qat_lr * 10), *loss_and_metrics(s.task, spec.from_logits))
     bb.fit(s.x_train, s.y_train, epochs=spec.bnn_epochs, batch_size=spec.batch_size, verbose=0)
     raw = bayesian_bits_plan(bb)
     clip = {n: min(max(lb.bits, spec.min_bits), spec.max_bits) for n, lb in raw.layers.items()}
@@ -123,13 +123,6 @@ def allocate(method: str, trained: Trained, target: float, spec: PipelineSpec, s
     return plan
 
 
-@contextmanager
-def registered(allocator: Allocator) -> Iterator[Allocator]:
+def registered(allocator: Allocator):
     """Add an allocation method to the table for the duration of a block (plugins, tests)."""
-    if allocator.name in ALLOCATORS:
-        raise PlanError(f"method {allocator.name!r} is already in the table")
-    ALLOCATORS[allocator.name] = allocator
-    try:
-        yield allocator
-    finally:
-        ALLOCATORS.pop(allocator.name, None)
+    return table_entry(ALLOCATORS, allocator.name, allocator, PlanError)

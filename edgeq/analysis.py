@@ -56,7 +56,7 @@ def sensitivity(
     With posteriors, also the R^2 between layer informativeness and the sensitivity-optimal bits
     (the paper reports 0.82-0.87 against bits found by Bayesian optimisation).
     """
-    from edgeq.optimize import weight_layers
+    from edgeq.layers import weight_layers
 
     x, y = data
     names = list(layers) if layers is not None else list(weight_layers(model))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ _VARIATIONAL = {
     },
 }
 _CONV_KEYS = ("filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate")
+# TFP builds its posteriors as tf.Modules named after the layer, and tf.Module takes only names like
+# this; Keras also takes "1conv" or "conv-1", whose twins get another name (see twin_names).
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _inv_softplus(x: float) -> float:
@@ -41,8 +45,9 @@ def _variational_layer(
     prior_sigma: float | None,
     init_sigma: float,
     kl_weight: tf.Variable,
+    name: str,
 ):
-    """The TFP twin of one Dense/Conv2D layer, kernel mean = the layer's weights, same name."""
+    """The TFP twin of one Dense/Conv2D layer, kernel mean = the layer's weights, named name."""
     cls = _VARIATIONAL[method][type(layer)]
     kernel, *rest = layer.get_weights()
     bias = rest[0] if rest else None
@@ -66,7 +71,7 @@ def _variational_layer(
     return cls(
         **kwargs,
         activation=cfg["activation"],
-        name=layer.name,
+        name=name,
         kernel_posterior_fn=posterior_fn,
         kernel_prior_fn=prior_fn,
         kernel_divergence_fn=lambda q, p, _: tfd.kl_divergence(q, p) * (scale * kl_weight),
@@ -81,6 +86,21 @@ def _variational_layer(
 def is_variational(layer) -> bool:
     """True for TFP variational layers (they carry a kernel posterior)."""
     return hasattr(layer, "kernel_posterior")
+
+
+def twin_names(model: keras.Model, method: str = "flipout") -> dict[str, str]:
+    """Float layer name -> its TFP twin's name, for the layers whose own name tf.Module refuses."""
+    taken = {lyr.name for lyr in model.layers}
+    names = {}
+    for lyr in model.layers:
+        if type(lyr) in _VARIATIONAL[method] and not _MODULE_NAME.match(lyr.name):
+            base = "edgeq_" + re.sub(r"[^A-Za-z0-9_]", "_", lyr.name)
+            name, i = base, 1
+            while name in taken:
+                name, i = f"{base}_{i}", i + 1
+            taken.add(name)
+            names[lyr.name] = name
+    return names
 
 
 def to_bayesian(
@@ -102,14 +122,18 @@ def to_bayesian(
 
     # One weight for every layer's KL term, so a callback can anneal it (edgeq.callbacks.KLWeight).
     kl_weight = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="kl_weight")
+    renamed = twin_names(model, method)
 
     def clone(layer):
         if type(layer) in _VARIATIONAL[method]:
-            return _variational_layer(layer, method, num_examples, prior_sigma, init_sigma, kl_weight)
+            name = renamed.get(layer.name, layer.name)
+            return _variational_layer(layer, method, num_examples, prior_sigma, init_sigma, kl_weight, name)
         return layer.__class__.from_config(layer.get_config())
 
     bnn = keras.models.clone_model(model, clone_function=clone)
     bnn.edgeq_kl_weight = kl_weight
+    # Posteriors, plans and reports name the float model's layers; this maps the renamed twins back.
+    bnn.edgeq_float_names = tuple((twin, float_name) for float_name, twin in renamed.items())
     for layer in bnn.layers:
         if not is_variational(layer) and layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
@@ -134,12 +158,23 @@ def variational_layers(bnn: keras.Model) -> list:
     return layers
 
 
+def float_name(bnn: keras.Model, layer_name: str) -> str:
+    """The float model's name of a twin's layer (the same unless to_bayesian had to rename it)."""
+    return dict(getattr(bnn, "edgeq_float_names", ())).get(layer_name, layer_name)
+
+
+def twin_layer(bnn: keras.Model, name: str):
+    """The twin's layer for the float model's layer `name`."""
+    renamed = {f: t for t, f in getattr(bnn, "edgeq_float_names", ())}
+    return bnn.get_layer(renamed.get(name, name))
+
+
 def posteriors(bnn: keras.Model) -> list[LayerPosterior]:
     """Per-layer kernel posteriors N(mu, sigma), named as the float model's layers."""
     out = []
     for layer in variational_layers(bnn):
         q = layer.kernel_posterior
-        out.append(LayerPosterior(layer.name, q.mean().numpy(), q.stddev().numpy()))
+        out.append(LayerPosterior(float_name(bnn, layer.name), q.mean().numpy(), q.stddev().numpy()))
     return out
 
 
@@ -150,7 +185,7 @@ def to_deterministic(bnn: keras.Model, float_model: keras.Model) -> keras.Model:
     for layer in det.layers:
         if not layer.weights:
             continue
-        src = bnn.get_layer(layer.name)
+        src = twin_layer(bnn, layer.name)
         if is_variational(src):
             weights = [src.kernel_posterior.mean().numpy()]
             if src.bias_posterior is not None:

@@ -7,6 +7,7 @@ takes it (no scaling). Everything is checked before any training, each problem o
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -241,4 +242,6 @@ def pipeline_from_files(
         bnn_epochs=bnn_epochs,
         qat_epochs=qat_epochs,
         pretrained=not train,
+        from_logits=not emits_probabilities(model),
+        source=(str(model_path), hashlib.sha256(model_path.read_bytes()).hexdigest()),
     )

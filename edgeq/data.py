@@ -105,20 +105,50 @@ def _image_arrays(x_train, y_train, x_test, y_test, *, seed: int, val_fraction: 
     return Splits(x_train[tr], y_train[tr], x_train[val], y_train[val], x_test, y_test)
 
 
+KERAS_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def read_npz(path: str | Path, required: tuple[str, ...] = KERAS_ARRAYS) -> dict[str, np.ndarray]:
+    """The required arrays of a local .npz, each checked; a DataError on one line for anything else.
+
+    np.load raises many types (BadZipFile, EOFError, ValueError for pickles, OSError), and falls back to
+    .npy or pickle for a file that is not a zip; all of them mean "not the .npz edgeq needs".
+    """
+    import zipfile
+
+    from edgeq.validate import check_array
+
+    path = Path(path)
+    need = f"it needs {', '.join(required)} as plain numeric arrays (numpy.savez)"
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; pass an .npz with {', '.join(required)}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an .npz archive (not a zip file); {need}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in required if k not in f.files]
+            if missing:
+                many = "s" if len(missing) > 1 else ""
+                raise DataError(f"{path} lacks array{many} {', '.join(missing)}; {need}")
+            arrays = {k: f[k] for k in required}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        text = " ".join(str(e).split())
+        raise DataError(f"cannot read {path} as .npz ({text}); {need}") from e
+    for key, a in arrays.items():
+        check_array(key, a, str(path))
+    return arrays
+
+
 def load_npz(path: str | Path, *, seed: int = 0, val_fraction: float = 0.1) -> Splits:
     """A local .npz in the keras layout (x_train, y_train, x_test, y_test)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"data file {path} does not exist; pass an .npz with x_train, y_train, x_test, y_test"
-        )
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as e:
-        raise DataError(f"{path} lacks array {e}; it needs x_train, y_train, x_test, y_test") from e
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} as .npz: {e}") from e
+    from edgeq.validate import check_labels
+
+    arrays = read_npz(path)
+    # The labels are cast to int64 below; a NaN or 0.5 must be named before the cast hides it.
+    for key in ("y_train", "y_test"):
+        check_labels(key, arrays[key], where=str(path))
     return _image_arrays(**arrays, seed=seed, val_fraction=val_fraction)
 
 

@@ -11,25 +11,13 @@ import tf_keras as keras
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import ModelError, PlanError
 from edgeq.keras3 import to_tf_keras
+from edgeq.layers import QUANTIZABLE, weight_layers  # noqa: F401  (part of this module's API)
 from edgeq.plan import BitPlan
 from edgeq.posterior import LayerPosterior
 from edgeq.quantize_config import BitsQuantizeConfig, custom_objects
 
 qk = tfmot.quantization.keras
-# Layers whose kernel a BitsQuantizeConfig can fake-quantize, and whether it is per output channel.
-# Dense stays per-tensor: per-axis Dense does not convert in TF 2.21 ("mismatched quantized axes").
-QUANTIZABLE = {keras.layers.Conv2D: True, keras.layers.DepthwiseConv2D: True, keras.layers.Dense: False}
 QAT_BITS = range(2, 9)
-
-
-def weight_layers(model: keras.Model) -> dict[str, int]:
-    """Layer name -> kernel weight count, for every layer edgeq can quantize."""
-    sizes = {}
-    for layer in model.layers:
-        if type(layer) in QUANTIZABLE:
-            kernel = layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel
-            sizes[layer.name] = int(np.prod(kernel.shape))
-    return sizes
 
 
 def check_plan(model: keras.Model, plan: BitPlan) -> None:

@@ -45,7 +45,10 @@ _BLOCK = 16384  # elements per chunk: the temporaries stay in L2 (about 3x faste
 _HIST_BINS = 2048  # per channel, for the range search; bins are uniform in sqrt(|mu| / max|mu|), finer near
 # 0, where the low-bit clips of heavy-tailed layers land
 _COARSE = 2.0 ** np.linspace(-10.0, 0.0, 21)  # clip fractions of max|mu| tried first (2**-10 .. 1)
-_FINE = 16  # then this many between the best coarse fraction's neighbours
+# Then, _REFINE times, _FINE between the best fraction's neighbours: error against the clip is jagged at high
+# bits (at 8 bits one refinement leaves ~2% on the table against an exact search, three ~0.1%).
+_FINE = 16
+_REFINE = 3
 _LLOYD_BINS = 4096
 
 
@@ -524,12 +527,15 @@ class _Layer:
         per = max(1, (1 << 19) // (max(_COARSE.size, _FINE) * lv))
         for a in range(0, c, per):
             rows = np.arange(a, min(c, a + per))
-            coarse = np.broadcast_to(_COARSE, (rows.size, _COARSE.size))
-            i = np.argmin(self.hist_error(ax, bits, coarse, rows), axis=1)
-            lo = _COARSE[np.maximum(i - 1, 0)]
-            hi = _COARSE[np.minimum(i + 1, _COARSE.size - 1)]
-            fine = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, _FINE)[None, :]
-            frac[rows] = fine[np.arange(rows.size), np.argmin(self.hist_error(ax, bits, fine, rows), axis=1)]
+            at = np.arange(rows.size)
+            cand = np.broadcast_to(_COARSE, (rows.size, _COARSE.size))
+            for _ in range(_REFINE + 1):
+                i = np.argmin(self.hist_error(ax, bits, cand, rows), axis=1)
+                best_f = cand[at, i]
+                lo = cand[at, np.maximum(i - 1, 0)]
+                hi = cand[at, np.minimum(i + 1, cand.shape[1] - 1)]
+                cand = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, _FINE)[None, :]
+            frac[rows] = best_f
         mm = np.where(m > 0, m, 1.0)
         best = frac * mm / lv
         full = mm / lv
@@ -574,8 +580,8 @@ def best_range(post: LayerPosterior, bits: int, per_channel: bool = False, *, ax
     """The symmetric b-bit grid whose clip (per channel along axis, or per tensor) minimises the cost.
 
     The paper's interval learning, done as a search over the clip fraction of max|mu| on a weighted
-    histogram of each channel (21 fractions from 2**-10 to 1, then 16 between the best one's
-    neighbours); a channel keeps its plain max|mu| range where that is exactly better. The result's
+    histogram of each channel (21 fractions from 2**-10 to 1, then three times 16 between the best
+    one's neighbours); a channel keeps its plain max|mu| range where that is exactly better. The result's
     clip gives (lo, hi) = (-clip, clip) per tensor and its scale the per-channel steps.
     """
     return best_ranges(post, [bits], per_channel, axis=axis)[0]

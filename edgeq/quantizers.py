@@ -165,7 +165,11 @@ def symmetric_uniform(
     r = np.asarray(r, dtype=np.float64)
     if not np.all(np.isfinite(r)) or np.any(r < 0):
         raise PlanError("symmetric ranges must be finite and >= 0; fit them with symmetric_range")
-    s = r / n  # broadcasts along the last axis when per channel
+    want = (x.shape[-1],) if per_channel and x.ndim > 0 else ()
+    if r.shape != want and r.size != 1:
+        unit = "one per channel (last axis)" if want else "one"
+        raise PlanError(f"{r.size} ranges for values of shape {x.shape}; pass {unit}")
+    s = (r.reshape(()) if r.size == 1 else r) / n  # broadcasts along the last axis when per channel
     safe = np.where(s > 0, s, 1.0)
     return np.where(s > 0, safe * np.clip(np.rint(x / safe), -n, n), 0.0)
 

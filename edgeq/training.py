@@ -22,13 +22,13 @@ def _silent(name: str, text: str) -> None:
     pass
 
 
-def loss_and_metrics(task: str):
-    """The Keras loss and metrics of a task (logits for classification)."""
+def loss_and_metrics(task: str, from_logits: bool = True):
+    """The Keras loss and metrics of a task (on logits for classification, unless the model says not)."""
     import tf_keras as keras
 
     if task == "regression":
         return keras.losses.MeanSquaredError(), ["mae"]
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits), ["accuracy"]
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,31 @@ class Trained:
         return sorted(set(self.sizes) - {p.name for p in self.posteriors})
 
 
-def train_float(spec: PipelineSpec, splits: Splits, seed: int):
-    """Build the pipeline's model and train it (deterministic ops, seeded)."""
+def build_float(spec: PipelineSpec, splits: Splits, seed: int):
+    """The pipeline's model, built and compiled but not trained (seeded, deterministic ops)."""
     import tensorflow as tf
     import tf_keras as keras
 
-    from edgeq.optimize import weight_layers
+    from edgeq.layers import weight_layers
+    from edgeq.pipeline import call_user
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    model = spec.build_model(splits.input_shape, splits.num_classes)
+    model = call_user(spec, "build_model", spec.build_model, splits.input_shape, splits.num_classes)
     if not weight_layers(model):
         raise ModelError(
             f"model {model.name!r} has no layer edgeq can quantize (Conv2D, DepthwiseConv2D, Dense)"
         )
-    loss, metrics = loss_and_metrics(splits.task)
+    loss, metrics = loss_and_metrics(splits.task, spec.from_logits)
     model.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
+    return model
+
+
+def train_float(spec: PipelineSpec, splits: Splits, seed: int, model=None):
+    """The pipeline's model (or `model`, from build_float, so checks can run between) trained."""
+    model = model if model is not None else build_float(spec, splits, seed)
+    if spec.pretrained:  # a model that comes trained is only evaluated
+        return model
     model.fit(
         splits.x_train,
         splits.y_train,
@@ -75,23 +84,40 @@ def train_float(spec: PipelineSpec, splits: Splits, seed: int):
     return model
 
 
-def train(spec: PipelineSpec, splits: Splits, seed: int, on_stage: OnStage = _silent) -> Trained:
-    """The float model and its Bayesian twin (TFP Flipout layers, kernel means from the float weights)."""
+def train(
+    spec: PipelineSpec,
+    splits: Splits,
+    seed: int,
+    on_stage: OnStage = _silent,
+    strategy=None,
+    *,
+    model=None,
+) -> Trained:
+    """The float model and its Bayesian twin (TFP Flipout layers, kernel means from the float weights).
+
+    With a tf.distribute `strategy` (edgeq.distribute.strategy_for), the twin is built and trained in its
+    scope: spec.batch_size is then the global batch, split across the replicas. The float model is
+    trained by each worker alone, seeded, so every worker starts the twin from the same weights.
+    `model` is the float model from build_float when the caller checked the data against it first.
+    """
     from edgeq import bayes
-    from edgeq.optimize import weight_layers
+    from edgeq.layers import weight_layers
 
     on_stage("float", "training the float Keras model")
-    float_model = train_float(spec, splits, seed)
+    float_model = train_float(spec, splits, seed, model)
     sizes = weight_layers(float_model)
     on_stage("bayes", "training the Bayesian twin (TFP Flipout)")
     bnn = bayes.train_bayesian(
         lambda: bayes.to_bayesian(float_model, num_examples=len(splits.x_train), init_sigma=spec.init_sigma),
         splits.x_train,
         splits.y_train,
-        loss=loss_and_metrics(splits.task)[0],
+        loss=loss_and_metrics(splits.task, spec.from_logits)[0],
         epochs=spec.bnn_epochs,
         batch_size=spec.batch_size,
         lr=spec.bnn_lr,
+        # KL / N stays per example: N is the whole training set, which every worker holds, and
+        # Keras divides the KL (a model loss) by the replicas before their gradients are summed.
+        strategy=strategy,
     )
     posts = tuple(p for p in bayes.posteriors(bnn) if p.name in sizes)
     return Trained(splits, float_model, bnn, bayes.to_deterministic(bnn, float_model), posts, sizes)
@@ -107,7 +133,7 @@ def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int) -> None:
 
     from edgeq.optimize import bake_levels
 
-    loss, metrics = loss_and_metrics(splits.task)
+    loss, metrics = loss_and_metrics(splits.task, spec.from_logits)
     optimizer = keras.optimizers.Adam(spec.qat_lr) if epochs > 0 else keras.optimizers.SGD(0.0)
     qat.compile(optimizer, loss, metrics)
     qat.fit(splits.x_train, splits.y_train, epochs=max(epochs, 1), batch_size=spec.batch_size, verbose=0)

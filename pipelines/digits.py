@@ -11,6 +11,7 @@ PIPELINE = PipelineSpec(
     name="digits",
     build_model=digits_cnn,
     load_data=lambda seed=0, data=None: load_digits(seed),
+    accepts_data=False,  # always scikit-learn's bundled digits: --data is refused, not ignored
     epochs=30,
     bnn_epochs=20,
     qat_epochs=5,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.data import Splits, load_diabetes
+from edgeq.data import Splits, load_diabetes, read_npz
 from edgeq.errors import DataError
 from edgeq.models import mlp
 from edgeq.pipeline import PipelineSpec
@@ -25,16 +25,7 @@ ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 def load_regression_npz(path: str | Path, *, seed: int = 0, val_fraction: float = 0.1) -> Splits:
     """A local regression .npz (float x_train, y_train, x_test, y_test) as standardised-feature Splits."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; pass an .npz with {', '.join(ARRAYS)}")
-    try:
-        with np.load(path) as f:
-            arrays = {k: np.asarray(f[k], dtype="float32") for k in ARRAYS}
-    except KeyError as e:
-        raise DataError(f"{path} lacks array {e}; it needs {', '.join(ARRAYS)}") from e
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} as a regression .npz of float arrays: {e}") from e
+    arrays = {k: a.astype("float32") for k, a in read_npz(path, ARRAYS).items()}
     x_train, x_test = arrays["x_train"], arrays["x_test"]
     if x_train.ndim != 2 or x_test.ndim != 2 or x_train.shape[1] != x_test.shape[1]:
         raise DataError(

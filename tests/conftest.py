@@ -19,6 +19,19 @@ def digits():
     return (d.images / 16.0).astype("float32")[..., None], d.target.astype("int64")
 
 
+@pytest.fixture(autouse=True)
+def _tiny_keras_unchanged(request):
+    """After every test that used tiny_keras, its trained weights are put back: a test that changes them
+    (masks, QAT that trains its kernels in place) cannot change what the next test gets."""
+    if "tiny_keras" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("tiny_keras")
+    weights = [w.copy() for w in model.get_weights()]
+    yield
+    model.set_weights(weights)
+
+
 @pytest.fixture(scope="session")
 def tiny_keras(digits):
     """A small conv net trained for a few epochs on 1,400 digits (a real, accurate model)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from deploy.boards import (
-    FLASH_TOOLS,
     Board,
     BoardError,
     fit_check,
@@ -13,6 +12,7 @@ from deploy.boards import (
     load_board,
     parse_size,
 )
+from deploy.device.flash import FLASH_TOOLS
 from deploy.firmware import FLAVOURS
 from edgeq.errors import EdgeqError
 
@@ -113,7 +113,10 @@ def test_fit_check_rejects_negative_sizes():
 
 
 def test_decode_budget_defaults_from_the_board():
-    from deploy.cli import DEFAULT_DECODE_BUDGET, decode_budget
+    from deploy.target import DEFAULT_DECODE_BUDGET, load_target
+
+    def decode_budget(text, board):
+        return load_target(board, decode_budget=text).decode_budget
 
     assert decode_budget(None, None) == DEFAULT_DECODE_BUDGET == 16 * 1024
     assert decode_budget("none", "nrf52832") is None
@@ -122,3 +125,6 @@ def test_decode_budget_defaults_from_the_board():
     free = small.ram_bytes - small.stack_allowance_bytes
     assert decode_budget(None, "nrf52832") == free // 4 == 12 * 1024
     assert decode_budget(None, "nrf52840") == 16 * 1024  # capped at the default
+    with pytest.raises(BoardError, match="kernel set"):
+        load_target(None, kernels="fast")
+    assert load_target("nrf52840").kernels == "cmsis-nn" and load_target(None).kernels == "reference"

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from deploy.device.evaluate import SECTION, main_device_eval
+from deploy.device.evaluate import main_device_eval
 from deploy.device.virtual_board import VirtualBoard
 
 N = 30
@@ -46,10 +46,10 @@ def test_device_eval_reproduces_host_tflm_exactly(tiny_build, capsys):
     assert rep["arena"]["device_bytes"] == rep["arena"]["host_tflm_bytes"] > 0
     assert rep["link"]["retries"] == 0 and rep["resets"] == []
     assert "bit-identical" in capsys.readouterr().out
-    # report.md gets the section once; a second run replaces it rather than appending another.
+    # Without the run's report.json there is no Report to re-render: a foreign report.md is left as it is
+    # (test_house runs device-eval on a real run's folder and checks the re-rendered report).
     rc, _ = _eval(tiny_build)
-    md = (tiny_build / "report.md").read_text()
-    assert rc == 0 and md.count(SECTION) == 1 and "## Sizes" in md and "host nanoseconds" in md
+    assert rc == 0 and (tiny_build / "report.md").read_text() == "# tiny\n\n## Sizes\n\nflash 1 B\n"
 
 
 def test_silent_board_times_out_with_a_clear_message(tiny_build, capsys):

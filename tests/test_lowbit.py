@@ -119,7 +119,7 @@ def test_bn_fold_scales_the_per_channel_range():
     got = interval_ranges(model, plan, [LayerPosterior("conv", kernel, sigma)])
     scale = np.abs(gamma) / np.sqrt(var + bn.epsilon)
     want = scale * symmetric_range(kernel, 3, 1.0 / sigma**2, per_channel=True)
-    np.testing.assert_allclose(got["conv"], want, rtol=1e-9)
+    np.testing.assert_allclose(got["conv"], want, rtol=1e-6)  # float32 kernel, float64 search
     assert got["fc"].shape == ()  # Dense: one range (per tensor), unweighted without a posterior
 
 
@@ -172,16 +172,15 @@ def test_ranges_stay_fixed_through_qat(two_bit):
 
 
 def test_two_bit_flatbuffer_holds_the_trained_grid(two_bit):
-    # What TFLM runs is what QAT trained: INT4 storage, <= 3 values per channel, the fixed ranges as scales
-    # (s = r / 1 at 2 bits), and integers equal to round(w / s) of the trained latent kernel.
+    # What TFLM runs is what QAT trained: INT4 storage, <= 3 values per channel, and integer x scale equal
+    # to Q(w) = s * clip(round(w / s), -1, 1), s = r, of the trained latent kernel on the fixed range r.
     from deploy.flatbuffer import read, tensor_values, weight_inputs
 
     qat, ranges, model = two_bit
     stored = {}
     for t, _ in weight_inputs(read(model)):
-        name = next(n for n in ranges if f"quant_{n}/" in str(t.name))
-        stored[name] = t
-    assert set(stored) == set(ranges)
+        stored[next(n for n in ranges if f"quant_{n}/" in str(t.name))] = t
+    assert set(stored) == set(ranges) == {"conv1", "fc1", "fc2"}
     for layer in qat.layers:
         if not _planned(layer):
             continue
@@ -189,25 +188,48 @@ def test_two_bit_flatbuffer_holds_the_trained_grid(two_bit):
         t = stored[name]
         assert t.dtype == 17  # INT4
         vals = tensor_values(t)  # (out, kh, kw, in): output channels first
-        kernel = _kernel(layer)  # Keras: (kh, kw, in, out)
-        per_channel = name in CONV
-        chans = np.moveaxis(vals, 0, -1).reshape(-1, vals.shape[0])
+        chans = np.moveaxis(vals, 0, -1).reshape(-1, vals.shape[0])  # (values, out), as Keras orders them
         assert max(len(np.unique(chans[:, c])) for c in range(chans.shape[1])) <= 3
-        np.testing.assert_allclose(np.ravel(t.quantization.scales), np.ravel(ranges[name]), rtol=1e-6)
-        q = symmetric_uniform(kernel, 2, ranges[name], per_channel=per_channel)
-        s = np.ravel(ranges[name]) if per_channel else float(ranges[name])
-        want = np.rint(q / s).astype(np.int64).reshape(-1, kernel.shape[-1])
-        assert np.array_equal(chans, want), name
+        deployed = chans * np.ravel(t.quantization.scales)  # one scale per channel, or one for all
+        kernel = _kernel(layer)  # Keras: (kh, kw, in, out)
+        q = symmetric_uniform(kernel, 2, ranges[name], per_channel=name in CONV).reshape(-1, kernel.shape[-1])
+        np.testing.assert_allclose(deployed, q, rtol=1e-6, atol=1e-9, err_msg=name)
 
 
 def test_two_bit_model_runs_in_tflm_like_keras(two_bit, digits):
-    from deploy.measure.tflm import dequantize, io_quant, run_tflm, tflm_interpreter
+    from deploy.measure.tflm import io_quant, run_tflm, tflm_interpreter
 
     qat, _, model = two_bit
+    x, _ = digits
+    xs = x[1400:]
+    raw = run_tflm(model, xs).astype(np.int64)
+    out = io_quant(tflm_interpreter(model), "output")
+    # Keras's fake-quant logits on TFLM's int8 output grid; TFLM differs only by integer rounding inside.
+    want = np.clip(np.rint(qat.predict(xs, verbose=0) / out.scale) + out.zero_point, -128, 127)
+    # Measured here: 99.5% same argmax, 99th percentile 1 LSB, worst 2 LSB.
+    assert np.mean(raw.argmax(1) == want.argmax(1)) >= 0.98
+    assert np.percentile(np.abs(raw - want), 99) <= 1 and np.abs(raw - want).max() <= 3
+
+
+def test_two_bit_interval_beats_the_fa5db30_path(tiny_keras, twin, two_bit, digits):
+    # Issue #19 on the tiny model: the twin's means projected onto [P5, P95], then LastValueQuantizer
+    # (max|w| every step), the same QAT epoch: fewer test digits right in TFLM than fixed interval ranges.
+    import tf_keras as keras
+
+    from deploy.export import convert
+    from deploy.measure.tflm import run_tflm
+    from edgeq.allocate import uniform_plan
+    from edgeq.optimize import project_weights, quantize_model
+
+    det, posts = twin
     x, y = digits
-    xs, ys = x[1400:], y[1400:]
-    raw = run_tflm(model, xs)
-    logits = dequantize(raw, io_quant(tflm_interpreter(model), "output"))
-    keras_logits = qat.predict(xs, verbose=0)
-    assert np.mean(logits.argmax(1) == keras_logits.argmax(1)) >= 0.97
-    assert np.mean(logits.argmax(1) == ys) >= 0.85
+    plan = uniform_plan(posts, 2)
+    old = quantize_model(project_weights(det, plan), plan)
+    keras.utils.set_random_seed(0)
+    old.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    old.fit(x[:1400], y[:1400], epochs=1, batch_size=32, verbose=0)
+
+    def accuracy(model: bytes) -> float:
+        return float(np.mean(run_tflm(model, x[1400:]).argmax(1) == y[1400:]))
+
+    assert accuracy(two_bit[2]) > accuracy(convert(old, x[:200]))

@@ -19,6 +19,7 @@ def converted(tiny_keras, digits):
     import tf_keras as keras
 
     x, y = digits
+    keras.utils.set_random_seed(0)  # the same QAT whatever ran before (the shuffle draws from the global RNG)
     plan = BitPlan.from_bits({"conv1": 3, "fc1": 4, "fc2": 6})
     qat = quantize_model(tiny_keras, plan)
     qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -93,9 +94,7 @@ def test_alt_decompression_memory_takes_the_decoded_weights(converted, digits):
     in_arena = arena_bytes(stored)
     total_with_alt = arena_bytes(stored, alt_decompression=alt)
     assert total_with_alt - alt < in_arena  # the main arena no longer holds decoded weights
-    np.testing.assert_array_equal(
-        run_tflm(stored, x[-50:], alt_decompression=alt), run_tflm(stored, x[-50:])
-    )
+    np.testing.assert_array_equal(run_tflm(stored, x[-50:], alt_decompression=alt), run_tflm(stored, x[-50:]))
     assert alt_decompression_size(model) == 0
 
 
@@ -124,6 +123,7 @@ def test_non_uniform_levels_survive_qat_and_reach_lut_bits(tiny_keras, digits):
     from edgeq.optimize import bake_levels, project_weights
 
     x, y = digits
+    keras.utils.set_random_seed(0)  # independent of the tests that ran before
     posts = bayes.posteriors(bayes.to_bayesian(tiny_keras, num_examples=1400, init_sigma=0.01))
     plan = quantile_inform(posts, 4.0, min_bits=2, max_bits=6, quantizer="quantile")
     assert all(lb.quantizer == "quantile" and lb.levels for lb in plan.layers.values())
@@ -138,7 +138,7 @@ def test_non_uniform_levels_survive_qat_and_reach_lut_bits(tiny_keras, digits):
         values = len(lb.levels)
         assert t.distinct <= values <= 2**lb.bits  # the quantile levels, not a uniform grid, were kept
         assert t.lut_bits <= lb.bits
-    np.testing.assert_array_equal(run_tflm(lut.model, x[-60:]), run_tflm(tflite, x[-60:]))
+    np.testing.assert_array_equal(run_tflm(stored.model, x[-60:]), run_tflm(tflite, x[-60:]))
 
 
 def test_fold_batchnorm_is_exact_and_removes_bn(digits):
@@ -203,14 +203,17 @@ def test_dense_as_conv_is_exact_keeps_names_and_shares_nothing():
 
 def test_deployed_dense_layers_agree_bit_for_bit_with_litert(converted, digits):
     """TFLM and LiteRT's reference kernels give identical int8 outputs on the QAT model."""
-    from deploy.measure import check_litert
-    from deploy.measure.tflm import run_tflm as tflm
+    from deploy.measure import measure_litert, measure_tflm
 
     model, _ = converted
     x, y = digits
-    ref, optimized = check_litert(model, x[-300:], y[-300:], "classification", tflm(model, x[-300:]))
-    assert ref.resolver == "BUILTIN_REF" and ref.vs_tflm.bit_exact and ref.vs_tflm.max_abs_diff == 0
-    assert optimized.resolver == "BUILTIN_WITHOUT_DEFAULT_DELEGATES" and optimized.vs_tflm.max_abs_diff <= 1
+    tflm = measure_tflm(model, x[-300:], y[-300:], "classification")
+    ref = measure_litert(model, x[-300:], y[-300:], "classification", "BUILTIN_REF")
+    optimized = measure_litert(
+        model, x[-300:], y[-300:], "classification", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+    )
+    assert ref.vs(tflm).bit_exact and ref.vs(tflm).max_abs_diff == 0 and ref.digest == tflm.digest
+    assert optimized.vs(tflm).max_abs_diff <= 1
 
 
 def test_keep_dense_deploys_fully_connected(tiny_keras, digits):

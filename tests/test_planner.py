@@ -184,6 +184,20 @@ def test_best_range_is_near_an_exact_dense_search():
         assert got <= dense * 1.01, (bits, got, dense)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_best_range_matches_the_exact_sorted_search(per_channel):
+    from edgeq.quantizers import symmetric_range  # exact per candidate, sort-based (slower)
+
+    post = _posterior("conv", (3, 3, 64, 32), 9, "heavy")
+    for bits in (2, 3, 4, 8):
+        r = np.ravel(symmetric_range(post.mu, bits, 1 / post.sigma**2, per_channel=per_channel))
+        exact = Grid(
+            "symmetric", bits, scale=tuple(r / (2 ** (bits - 1) - 1)), axis=-1 if per_channel else None
+        )
+        got = uncertainty_cost(post, best_range(post, bits, per_channel))
+        assert got <= uncertainty_cost(post, exact) * 1.005, bits
+
+
 def test_best_range_never_loses_to_max_at_high_bits():
     post = _posterior("conv", (5, 5, 8, 12), 5)
     for bits in (6, 7, 8):

@@ -54,7 +54,7 @@ def test_informativeness_sparsity_survives_qat_and_conversion(tiny_keras, digits
     tflite = export.convert(qat, x[:100])
     fc1 = next(t for t in flatbuffer.weight_tensors(tflite) if t.shape == (32, 1, 1, 288))  # a 1x1 conv now
     vals = flatbuffer.tensor_values(
-        next(t for t, _ in export._weights(export._read(tflite)) if int(t.index) == fc1.index)
+        next(t for t, _ in flatbuffer.weight_inputs(flatbuffer.read(tflite)) if int(t.index) == fc1.index)
     )
     assert np.sum(vals == 0) >= int(np.floor(0.7 * vals.size))  # the masked weights quantize to exactly 0
 

@@ -112,6 +112,9 @@ def test_find_tree_says_what_is_missing(tmp_path):
     tree = tmp_path / "cortex-m4-cmsis-nn"
     (tree / "tensorflow/lite/micro").mkdir(parents=True)
     (tree / qemu.INTERPRETER_H).write_text("")
+    with pytest.raises(TreeError, match="not made for Cortex-M"):  # e.g. a host tree
+        find_tree("cmsis-nn", tmp_path)
+    (tree / "tensorflow/lite/micro/cortex_m_generic").mkdir()
     with pytest.raises(TreeError, match="has no CMSIS-NN kernels"):
         find_tree("cmsis-nn", tmp_path)
     (tree / "tensorflow/lite/micro/kernels/cmsis_nn").mkdir(parents=True)
@@ -137,9 +140,12 @@ def test_definition_index_leaves_out_internal_names(tmp_path):
     src.parent.mkdir(parents=True)
     src.write_text(
         "namespace tflite {\n"
+        "namespace {}  // namespace\n"
         "namespace {\n"
         "int Helper(int x) { return x; }\n"
-        "}  // namespace\n"
+        'const char* Brace() { return "}"; }  // a brace in a literal\n'
+        "}  // anonymous namespace.\n"
+        "int Public(int x) { return x; }\n"
         "static int Local(int x) { return x; }\n"
         "Thing::Thing(int a,\n"
         "             int b)\n"
@@ -158,7 +164,9 @@ def test_definition_index_leaves_out_internal_names(tmp_path):
     assert idx.files_for("tflite::Thing::Run() const") == [rel]
     assert idx.files_for("vtable for tflite::Thing") == [rel]
     assert idx.files_for("tflite::kThingTable") == [rel]
+    assert idx.files_for("tflite::Public(int)") == [rel]
     assert idx.files_for("tflite::(anonymous namespace)::Helper(int)") == []
+    assert idx.files_for("tflite::(anonymous namespace)::Brace()") == []
     assert idx.files_for("Local") == []
 
 
@@ -192,7 +200,7 @@ def _bare_elf(tmp_path: Path, main_body: str) -> Path:
 def test_qemu_that_never_answers_is_killed_and_the_elf_named(tmp_path):
     elf = _bare_elf(tmp_path, "for (;;) { }")
     board = QemuBoard(elf, boot_timeout=2)
-    with pytest.raises(QemuTimeout, match=f"no ready line within 2 s .*{elf.name}"):
+    with pytest.raises(QemuTimeout, match=f"{elf.name}.* did not answer HELLO within 2 s"):
         board.start()
     assert not board.alive()
 

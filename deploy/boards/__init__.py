@@ -11,7 +11,6 @@ import yaml
 from edgeq.errors import EdgeqError
 
 BOARDS_DIR = Path(__file__).resolve().parent
-FLASH_TOOLS = ("pyocd", "esptool", "picotool", "arduino-cli")
 KERNEL_SETS = ("reference", "cmsis-nn")
 FLOAT_ABIS = ("hard", "softfp", "soft")
 
@@ -147,6 +146,8 @@ def _board_from(data: dict, source: Path) -> Board:
             f"board profile {source}: kernels {board.kernels!r} / float_abi {board.float_abi!r}; "
             f"use one of {', '.join(KERNEL_SETS)} / {', '.join(FLOAT_ABIS)}"
         )
+    from deploy.device.flash import FLASH_TOOLS  # the flashing tools edgeq can drive
+
     if bad or board.flash_tool not in FLASH_TOOLS or board.model_flash_budget <= 0 or board.arena_budget <= 0:
         raise BoardError(
             f"board profile {source} is inconsistent (templates {list(board.templates)}, tool "

@@ -42,6 +42,9 @@ def check_model(info: DeviceInfo, model: bytes, model_path: Path) -> None:
 
 
 def _load_build(build: Path) -> tuple[bytes, np.ndarray, np.ndarray]:
+    from deploy.artifacts import check_folder
+
+    check_folder(build)  # a folder a killed run left half-moved holds files of two runs: say so first
     model_path, data_path = build / "model.tflite", build / "test_data.npz"
     for p in (model_path, data_path):
         if not p.is_file():
@@ -57,12 +60,11 @@ def _load_build(build: Path) -> tuple[bytes, np.ndarray, np.ndarray]:
 
 def _scores(raw: np.ndarray, y: np.ndarray, out_q) -> dict:
     """Accuracy (integer labels) or mean absolute error (anything else) of raw model outputs."""
-    from deploy.measure.tflm import dequantize
+    from deploy.measure import scores_of
 
-    if y.dtype.kind in "iub":
-        return {"task": "classification", "accuracy": _r(np.mean(np.argmax(raw, axis=1) == y.reshape(-1)))}
-    pred = dequantize(raw, out_q).reshape(len(y), -1)
-    return {"task": "regression", "mae": _r(np.mean(np.abs(pred - y.reshape(len(y), -1))))}
+    task = "classification" if y.dtype.kind in "iub" else "regression"
+    metric = "accuracy" if task == "classification" else "mae"
+    return {"task": task, metric: _r(scores_of(raw, y, out_q, task)[metric])}
 
 
 def _cycle_stats(cycles: np.ndarray, info: DeviceInfo) -> dict:
@@ -189,6 +191,9 @@ def evaluate_on_device(
     }
     atomic_write_text(build / "device_report.json", json.dumps(rep, indent=2) + "\n")
     _update_markdown(build, rep)
+    from deploy.artifacts import record
+
+    record(build, ("device_report.json", "report.md", "report.html"))  # edgeq's own, as the run's files
     return rep
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from edgeq.errors import EdgeqError
 
-# Image files each tool takes, best first.
-IMAGE_KINDS = {
+# The flashing tools a board profile may name: the image files each takes, best first.
+FLASH_TOOLS = {
     "pyocd": (".hex", ".elf", ".bin"),
     "esptool": (".bin",),
     "picotool": (".uf2", ".elf"),
@@ -47,7 +47,7 @@ class FlashPlan:
 
 def find_image(build: Path, tool: str) -> Path | None:
     """The newest firmware image under build/firmware of a kind the tool takes (None when there is none)."""
-    exts = IMAGE_KINDS.get(tool, (".hex", ".elf", ".bin", ".uf2"))
+    exts = FLASH_TOOLS.get(tool, (".hex", ".elf", ".bin", ".uf2"))
     root = build / "firmware"
     found = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts] if root.is_dir() else []
     # Prefer the tool's favourite format, then the newest build.
@@ -59,15 +59,17 @@ def plan_flash(
     board_name: str, build: str | Path, *, port: str | None = None, image: str | Path | None = None
 ):
     """Resolve the board's tool and arguments into a FlashPlan (placeholders where something is missing)."""
+    from deploy.artifacts import check_folder
     from deploy.boards import load_board
 
     board = load_board(board_name)
     build = Path(build)
+    check_folder(build)  # a killed run's half-moved folder may pair one run's firmware with another's model
     img = Path(image) if image else find_image(build, board.flash_tool)
     missing = []
     if img is None:
         missing.append(
-            f"a firmware image ({', '.join(IMAGE_KINDS.get(board.flash_tool, ()))}) "
+            f"a firmware image ({', '.join(FLASH_TOOLS.get(board.flash_tool, ()))}) "
             f"under {build / 'firmware'}"
         )
     values = {

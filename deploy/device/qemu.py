@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.device.protocol import DeviceInfo, Frame, FrameDecoder, FrameType, encode_frame
+from deploy.device.protocol import MAGIC, DeviceInfo, Frame, FrameDecoder, FrameType, encode_frame
 from edgeq.errors import EdgeqError
 from edgeq.io import atomic_write_text
 
@@ -81,6 +81,7 @@ INTERPRETER_H = "tensorflow/lite/micro/micro_interpreter.h"
 # FLASH is SSRAM1 at 0 (4 MiB), RAM is SSRAM2&3 at 0x20000000 (mps2_an386.ld).
 RAM_BASE = 0x20000000
 MAX_LINK_ROUNDS = 40
+INDEX_VERSION = 2  # bump when _definitions changes: cached indexes are then rebuilt
 DEBIAN_PACKAGES = {
     "arm-none-eabi-g++": "gcc-arm-none-eabi",
     "arm-none-eabi-gcc": "gcc-arm-none-eabi",
@@ -181,7 +182,8 @@ def _version(tool: str) -> str:
 
 
 def _default_roots() -> list[Path]:
-    roots = [Path(os.environ["TFLM_ROOT"])] if os.environ.get("TFLM_ROOT") else []
+    # Not $TFLM_ROOT: the generic CMake build's tree is usually a host one, which this board cannot use.
+    roots = [Path(os.environ["EDGEQ_TFLM_ROOT"])] if os.environ.get("EDGEQ_TFLM_ROOT") else []
     # This workplace keeps the trees next to the repository (../shared/tflm).
     return roots + [Path(__file__).resolve().parents[3] / "shared" / "tflm"]
 
@@ -189,9 +191,9 @@ def _default_roots() -> list[Path]:
 def find_tree(kernels: str, tflm_root: str | Path | None = None) -> Path:
     """The TFLM tree for kernels: tflm_root itself when it is a tree, else tflm_root/cortex-m4-<kernels>.
 
-    Without tflm_root: $TFLM_ROOT, then ../shared/tflm beside the repository. TreeError when there is none,
-    or when the tree lacks the chosen kernels (CMSIS-NN sources for cmsis-nn; reference kernels, i.e. no
-    kernels/cmsis_nn, for reference).
+    Without tflm_root: $EDGEQ_TFLM_ROOT, then ../shared/tflm beside the repository. TreeError when there is
+    none, when it was not made for cortex_m_generic, or when it lacks the chosen kernels (CMSIS-NN sources
+    for cmsis-nn; reference kernels, i.e. no kernels/cmsis_nn, for reference).
     """
     if kernels not in KERNELS:
         raise TreeError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
@@ -212,6 +214,11 @@ def find_tree(kernels: str, tflm_root: str | Path | None = None) -> Path:
 
 
 def _check_kernels(tree: Path, kernels: str) -> None:
+    if not (tree / "tensorflow/lite/micro/cortex_m_generic").is_dir():
+        raise TreeError(
+            f"{tree} was not made for Cortex-M (no tensorflow/lite/micro/cortex_m_generic): make it with "
+            'create_tflm_tree.py --makefile_options="TARGET=cortex_m_generic TARGET_ARCH=cortex-m4 ..."'
+        )
     has_cmsis = (tree / "tensorflow/lite/micro/kernels/cmsis_nn").is_dir()
     if kernels == "cmsis-nn" and not (has_cmsis and (tree / "third_party/cmsis_nn").is_dir()):
         raise TreeError(
@@ -240,25 +247,23 @@ _KEYWORDS = frozenset(
 )
 
 
-_NAMESPACE_OPEN = re.compile(r"^namespace(\s+[\w:]+)?\s*\{", re.M)
-_NAMESPACE_CLOSE = re.compile(r"^\}\s*//\s*namespace\b", re.M)
+_NAMESPACE_OPEN = re.compile(r"^namespace\s*\{", re.M)
+_LEXEME = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|[{}]', re.S)
 
 
 def _internal_spans(text: str) -> list[tuple[int, int]]:
-    """Offsets of the anonymous namespaces in text (TFLM closes each with ``}  // namespace``)."""
-    events = sorted(
-        [(m.start(), "anon" if m.group(1) is None else "named") for m in _NAMESPACE_OPEN.finditer(text)]
-        + [(m.start(), "close") for m in _NAMESPACE_CLOSE.finditer(text)]
-    )
-    spans, stack = [], []
-    for pos, kind in events:
-        if kind != "close":
-            stack.append((kind, pos))
-        elif stack:
-            opened, start = stack.pop()
-            if opened == "anon":
-                spans.append((start, pos))
-    spans += [(start, len(text)) for kind, start in stack if kind == "anon"]
+    """Offsets of the anonymous namespaces in text, each from its ``namespace {`` to its closing brace."""
+    spans = []
+    for m in _NAMESPACE_OPEN.finditer(text):
+        depth, end = 0, len(text)
+        for lex in _LEXEME.finditer(text, m.end() - 1):  # comments and literals may hold braces
+            tok = lex.group(0)
+            if tok in "{}":
+                depth += 1 if tok == "{" else -1
+                if depth == 0:
+                    end = lex.end()
+                    break
+        spans.append((m.start(), end))
     return spans
 
 
@@ -305,18 +310,22 @@ class DefinitionIndex:
 
     def __init__(self, tree: Path, cache_file: Path | None = None):
         self.tree = tree
+        sources = tree_sources(tree)
+        # The cached index is used while the sources and the way they are read stay the same.
+        stamp = f"v{INDEX_VERSION}:{len(sources)}:{max((s.stat().st_mtime_ns for s in sources), default=0)}"
         index: dict[str, list[str]] | None = None
         if cache_file is not None and cache_file.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                index = json.loads(cache_file.read_text())
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                cached = json.loads(cache_file.read_text())
+                index = cached["index"] if cached["stamp"] == stamp else None
         if index is None:
             index = {}
-            for src in tree_sources(tree):
+            for src in sources:
                 rel = src.relative_to(tree).as_posix()
                 for name in _definitions(src.read_text(errors="replace")):
                     index.setdefault(name, []).append(rel)
             if cache_file is not None:
-                atomic_write_text(cache_file, json.dumps(index, sort_keys=True))
+                atomic_write_text(cache_file, json.dumps({"stamp": stamp, "index": index}, sort_keys=True))
         self._index = index
         self._by_class: dict[str, set[str]] = {}
         for name, files in index.items():
@@ -456,13 +465,22 @@ class _Library:
             tree=str(flags.tree), kernels=flags.kernels, compiler=flags.compiler, flags=flags.common()
         )
         self.objects: set[str] = set(self.manifest.get("objects", []))
-        # A cached object whose source changed since (or that went missing) is compiled again.
-        stale = [rel for rel in self.objects if not self._fresh(rel)]
-        self.objects -= set(stale)
+        # A cached object whose source changed since (or that went missing) is compiled again (refresh).
+        self.stale = sorted(rel for rel in self.objects if not self._fresh(rel))
+        self.objects -= set(self.stale)
         self._index: DefinitionIndex | None = None
 
     def _obj(self, rel: str) -> Path:
-        return self.dir / "obj" / (rel + ".o")
+        # One flat name per source: ar keys members by file name, and kernel_util.cc, common.cc, ... recur.
+        return self.dir / "obj" / (rel.replace("/", "__") + ".o")
+
+    def refresh(self, workers: int) -> None:
+        """Recompile the stale objects and make sure libtflm.a holds exactly the recorded objects."""
+        if self.stale:
+            self.add(self.stale, workers)
+            self.stale = []
+        elif self.objects and not self.archive.is_file():
+            self.write()
 
     def _fresh(self, rel: str) -> bool:
         src, obj = self.flags.tree / rel, self._obj(rel)
@@ -640,14 +658,14 @@ def build_firmware(
 
 
 def _link(
-    tools: dict[str, str], objs: list[Path], archive: Path | None, elf: Path
+    tools: dict[str, str], objs: list[Path], archive: Path | None, elf: Path, map_file: Path | None = None
 ) -> subprocess.CompletedProcess:
     cmd = [
         tools["arm-none-eabi-g++"],
         *CPU_FLAGS,
         *LINK_FLAGS,
         f"-T{BOARD_DIR / LINKER_SCRIPT}",
-        f"-Wl,-Map={elf.with_suffix('.map')}",
+        f"-Wl,-Map={map_file or elf.with_suffix('.map')}",
         *map(str, objs),
         *([str(archive)] if archive is not None and archive.is_file() else []),
         "-o",
@@ -660,19 +678,19 @@ def _link_until_resolved(
     tools: dict[str, str], lib: _Library, app_objs: list[Path], elf: Path, jobs: int
 ) -> str:
     """Link; compile the tree sources that define what the linker misses; repeat until it links."""
-    asked: dict[str, list[str]] = {}
+    lib.refresh(jobs)
+    tmp = elf.with_name(f".{elf.name}.{os.getpid()}.tmp")  # renamed into place once it links
     for _ in range(MAX_LINK_ROUNDS):
-        r = _link(tools, app_objs, lib.archive if lib.objects else None, elf)
+        r = _link(tools, app_objs, lib.archive if lib.objects else None, tmp, elf.with_suffix(".map"))
         if r.returncode == 0:
+            os.replace(tmp, elf)
             return r.stdout
         undefined = sorted(set(_UNDEFINED.findall(r.stdout)))
         if not undefined:
             raise FirmwareBuildError(f"linking {elf} failed:\n{r.stdout[-3000:]}")
         want: set[str] = set()
         for sym in undefined:
-            files = [f for f in lib.index.files_for(sym) if f not in lib.objects]
-            asked[sym] = files
-            want.update(files)
+            want.update(f for f in lib.index.files_for(sym) if f not in lib.objects)
         if not want:
             shown = "; ".join(undefined[:8])
             raise FirmwareBuildError(
@@ -819,8 +837,7 @@ class QemuBoard:
             self._fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
             tty.setraw(self._fd)
             self._monitor("cont")
-            self.boot_text = self._read_boot(time.monotonic() + self.boot_timeout)
-            self.info = self._hello(time.monotonic() + min(30.0, self.boot_timeout))
+            self.info = self._handshake(time.monotonic() + self.boot_timeout)
         except BaseException:
             self.stop()
             raise
@@ -860,53 +877,68 @@ class QemuBoard:
         self._kill()
         raise QemuTimeout(f"QEMU did not open a pty within 30 s for {self.elf}; killed it")
 
-    def _read_boot(self, deadline: float) -> str:
-        """The text the firmware prints before serving: its ready line, or why setup failed or it faulted."""
-        text = b""
+    def _handshake(self, deadline: float) -> DeviceInfo:
+        """Read the boot text (the ready line, or why setup failed or the firmware faulted) and get INFO.
+
+        HELLO goes out once the ready line is in (or every 2 s from 1 s on, for firmware that prints none);
+        the UART and the pty hold it until the firmware serves.
+        """
+        decoder = FrameDecoder(types=frozenset({FrameType.INFO}))
+        text, hello_at, ready_seen = b"", time.monotonic() + 1.0, False
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([self._fd], [], [], 0.05)
-            if ready:
-                with contextlib.suppress(BlockingIOError, OSError):  # EIO once QEMU has exited
-                    text += os.read(self._fd, 4096)
-            s = text.decode("ascii", "replace")
-            done = s.endswith("\n") or not self.alive()  # a whole line, or nothing more will come
-            if "edgeq: fault" in s and done:
-                line = s[s.index("edgeq: fault") :].strip()
+            alive = self.alive()  # sampled first: once QEMU is gone, what it wrote is read to the end
+            chunk = self._read_available(0.05 if alive else 0.0)
+            text += chunk
+            # The text before the first frame is what the firmware printed.
+            s = text.split(bytes([MAGIC]))[0].decode("ascii", "replace")
+            self.boot_text = s
+            done = s.endswith("\n") or not alive  # a whole line, or nothing more will come
+            # The fault handler also writes its line to QEMU's log (semihosting) before QEMU exits.
+            said = s if "edgeq: fault" in s or alive else self._log()
+            if "edgeq: fault" in said and done:
+                line = said[said.index("edgeq: fault") :].strip().splitlines()[0]
                 raise QemuError(f"the firmware faulted under QEMU ({self.elf}): {line}")
             if "setup failed" in s and done:
                 raise QemuError(
                     f"the firmware's setup failed under QEMU ({self.elf}): {' / '.join(s.split())}"
                 )
-            if " ready, arena " in s and done:
-                return s
-            self.boot_text = s
-            self._check_alive("while booting")
+            for ev in decoder.feed(chunk):
+                if isinstance(ev, Frame) and ev.type == FrameType.INFO:
+                    return DeviceInfo.unpack(ev.payload)
+            if " ready, arena " in s and done and not ready_seen:
+                ready_seen, hello_at = True, time.monotonic()
+            if time.monotonic() >= hello_at and alive:
+                os.write(self._fd, encode_frame(FrameType.HELLO))
+                hello_at = time.monotonic() + 2.0
+            if not alive:  # everything it wrote has been read and said nothing better
+                self._check_alive("while booting")
         self._kill()
+        printed = self.boot_text.strip() or "nothing"
         raise QemuTimeout(
-            f"the firmware printed no ready line within {self.boot_timeout:.0f} s under QEMU ({self.elf}); "
-            f"killed it. It printed: {text.decode('ascii', 'replace').strip() or 'nothing'}"
+            f"the firmware under QEMU ({self.elf}) did not answer HELLO within {self.boot_timeout:g} s; "
+            f"killed it. It printed: {printed}"
         )
 
-    def _hello(self, deadline: float) -> DeviceInfo:
-        decoder = FrameDecoder(types=frozenset({FrameType.INFO}))
-        next_send = 0.0
-        while time.monotonic() < deadline:
-            if time.monotonic() >= next_send:
-                os.write(self._fd, encode_frame(FrameType.HELLO))
-                next_send = time.monotonic() + 2.0
-            ready, _, _ = select.select([self._fd], [], [], 0.05)
-            if ready:
-                with contextlib.suppress(BlockingIOError):
-                    for ev in decoder.feed(os.read(self._fd, 4096)):
-                        if isinstance(ev, Frame) and ev.type == FrameType.INFO:
-                            return DeviceInfo.unpack(ev.payload)
-            self._check_alive("before answering HELLO")
-        self._kill()
-        raise QemuTimeout(f"the firmware under QEMU ({self.elf}) did not answer HELLO in time; killed it")
+    def _read_available(self, timeout: float) -> bytes:
+        """What the pty holds after waiting up to timeout for the first byte (b"" when nothing)."""
+        data = b""
+        while select.select([self._fd], [], [], timeout)[0]:
+            try:
+                part = os.read(self._fd, 4096)
+            except (BlockingIOError, OSError):  # EIO once QEMU has closed its side
+                break
+            if not part:
+                break
+            data, timeout = data + part, 0.0
+        return data
 
     def instruction_counts(self) -> list[int]:
         """Instructions per inference so far (plugin), boot window dropped; [] without the plugin."""
         return read_instruction_counts(self.insn_file) if self.insn_file is not None else []
+
+    def returncode(self) -> int | None:
+        """QEMU's exit status, None while it runs (or before it started)."""
+        return None if self._proc is None else self._proc.poll()
 
     def alive(self) -> bool:
         """Whether QEMU is still running."""
@@ -976,7 +1008,7 @@ def parser() -> argparse.ArgumentParser:
         "--tflm-root",
         default=None,
         help="a TFLM tree, or a folder holding cortex-m4-reference/ and cortex-m4-cmsis-nn/ "
-        "(default: $TFLM_ROOT, then ../shared/tflm)",
+        "(default: $EDGEQ_TFLM_ROOT, then ../shared/tflm)",
     )
     p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     p.add_argument(
@@ -992,6 +1024,7 @@ def main_qemu(argv: list[str] | None = None) -> int:
     """`edgeq virtual-board --qemu --build DIR [--kernels K] [--tflm-root DIR]`: serve until interrupted."""
     args = parser().parse_args(argv)
     try:
+        check_qemu()  # before the build: a missing QEMU should not cost a compile first
         build = build_firmware(args.build, args.kernels, args.tflm_root, jobs=args.jobs)
         print(
             f"built {build.elf} ({build.kernels} kernels, {build.tree}): flash {build.flash_bytes:,} B, "
@@ -1017,18 +1050,24 @@ def main_qemu(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5) and board.alive():
             pass
     except KeyboardInterrupt:
-        pass
+        stop.set()
     finally:
+        died = not stop.is_set() and not board.alive()
+        status = board.returncode()
         board.stop()
-    if board.killed_for_time:
-        print(
-            f"edgeq: QEMU ran past --max-seconds {args.max_seconds:g}; killed ({build.elf})", file=sys.stderr
-        )
-    counts = board.instruction_counts()
+    counts = sorted(board.instruction_counts())
     if counts:
-        counts.sort()
         median = counts[len(counts) // 2]
         print(f"instructions per inference (QEMU TCG plugin, {len(counts)} inferences): median {median:,}")
+    if board.killed_for_time:
+        print(
+            f"edgeq: error: QEMU ran past --max-seconds {args.max_seconds:g}; killed it ({build.elf})",
+            file=sys.stderr,
+        )
+        return 2
+    if died:
+        print(f"edgeq: error: QEMU exited (status {status}) while serving {build.elf}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,7 +10,7 @@ def packing_limit(model, plan_bits: dict[str, int]) -> int:
 
     Works on plain models and on TF-MOT QAT models, whose wrappers hold the original layer in `.layer`.
     """
-    from edgeq.optimize import QUANTIZABLE
+    from edgeq.layers import QUANTIZABLE
 
     total = 0
     for layer in model.layers:

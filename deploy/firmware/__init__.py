@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy.export.carrays import CArrays, c_identifier, parse_c_array
+from deploy.export.carrays import CArrays, c_identifier, parse_c_array, safe_text
 from deploy.flatbuffer import DECODE_OP, describe, resolver_calls
 from edgeq.errors import EdgeqError
 from edgeq.io import atomic_write_bytes, atomic_write_text, usual_mode
@@ -280,7 +280,7 @@ def render_firmware(
     flavours = tuple(board.templates) if board is not None else tuple(FLAVOURS)
     files = _plan(ident, source, header, has_protocol, flavours)
     values = {
-        "name": name,
+        "name": safe_text(name),  # into comments and the README title: one line, nothing to inject
         "ident": ident,
         "symbol": c_arrays.symbol,
         "length_symbol": c_arrays.length_symbol,

@@ -58,6 +58,7 @@ class RunFacts:
 
     pipeline: str
     seed: int
+    source: tuple[str, str] | None  # (model file, sha256) for a model brought as a file
     candidate: Any  # deploy.app.Candidate
     trained: Any  # edgeq.training.Trained
     measured: Any  # deploy.app.Measured
@@ -238,6 +239,8 @@ def build(
         },
         "stage_seconds": dict(stage_seconds),
     }
+    if f.source is not None:
+        body["source"] = {"model": f.source[0], "sha256": f.source[1]}
     sliced = f.candidate.exported.sliced
     if sliced is not None:
         body["slicing"] = {

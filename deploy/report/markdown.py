@@ -143,7 +143,7 @@ def render(rep: Report) -> str:
     """report.md."""
     b = rep.body
     head = [
-        f"# edgeq report: {b['pipeline']}",
+        f"# edgeq report: {' '.join(str(b['pipeline']).split())}",  # a name with a newline stays one line
         "",
         f"Seed {b['seed']}, target {b['target_bits']:g} mean bits, method **{b['plan']['method']}**: "
         f"mean bits **{b['plan']['mean_bits']:.3f}** (paper eq. 8). Deployed storage: "

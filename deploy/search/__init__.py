@@ -21,6 +21,7 @@ from deploy.app import (
 )
 from deploy.measure import measure_tflm
 from deploy.report import Report, SearchRow, SearchSummary
+from deploy.search.executors import Executor
 from deploy.target import Target
 from edgeq.allocators import allocate, check_method
 from edgeq.errors import EdgeqError
@@ -134,6 +135,7 @@ def sweep(
     max_accuracy_drop: float | None = None,
     trained: Trained | None = None,
     workers: int = 2,
+    executor: str | Executor = "local",
     on_stage=None,
 ) -> Report:
     """Train once (or reuse `trained`), screen each distinct plan, QAT the finalists, deploy the best."""
@@ -145,7 +147,8 @@ def sweep(
     clock = StageClock(on_stage) if on_stage else StageClock()
     trained = trained or train_pipeline(spec, opts, clock)
     clock("allocate", f"sweeping {len(targets)} targets x {len(methods)} methods (calibrated, no QAT)")
-    rows = screen(distinct_jobs(trained, spec, opts.seed, methods, targets), trained, spec, opts, workers)
+    jobs = distinct_jobs(trained, spec, opts.seed, methods, targets)
+    rows = screen(jobs, trained, spec, opts, workers, executor)
     if not any(r.fits for r in rows):
         raise _nothing_fits(rows, opts.target)
     clock("qat", f"QAT fine-tuning of up to {FINALISTS} finalists ({spec.qat_epochs} epochs)")

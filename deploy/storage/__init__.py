@@ -7,17 +7,17 @@ TFLM against the converted model before anything is written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 
 from deploy.flatbuffer import strip_names
 from deploy.measure.tflm import arena_bytes, run_tflm
-from deploy.storage import int4, int8, lut
+from deploy.storage import huffman, int4, int8, lut, prune
 from deploy.storage.base import Storage, StorageError, StorageKind
+from edgeq.registry import registered as table_entry
 
-STORAGES: dict[str, StorageKind] = {k.name: k for k in (int8.KIND, int4.KIND, lut.KIND)}
+STORAGES: dict[str, StorageKind] = {
+    k.name: k for k in (int8.KIND, int4.KIND, lut.KIND, prune.KIND, huffman.KIND)
+}
 AUTO = "auto"
 
 __all__ = ["AUTO", "STORAGES", "Storage", "StorageError", "StorageKind", "choices", "choose", "registered"]
@@ -28,16 +28,9 @@ def choices() -> tuple[str, ...]:
     return (*STORAGES, AUTO)
 
 
-@contextmanager
-def registered(kind: StorageKind) -> Iterator[StorageKind]:
+def registered(kind: StorageKind):
     """Add a storage kind to the table for the duration of a block (plugins, tests)."""
-    if kind.name in STORAGES or kind.name == AUTO:
-        raise StorageError(f"storage {kind.name!r} is already in the table")
-    STORAGES[kind.name] = kind
-    try:
-        yield kind
-    finally:
-        STORAGES.pop(kind.name, None)
+    return table_entry(STORAGES, kind.name, kind, StorageError, taken=(AUTO,))
 
 
 def check_storage(name: str) -> str:

@@ -36,6 +36,13 @@
 #define MPS2_SCB_CFSR MPS2_REG(0xE000ED28u)
 #define MPS2_SCB_HFSR MPS2_REG(0xE000ED2Cu)
 
+// Semihosting SYS_WRITE0 (0x04): s goes to QEMU's own output (its stderr/log), when semihosting is on.
+static inline void mps2_semihosting_write0(const char* s) {
+  register uint32_t r0 __asm__("r0") = 0x04u;
+  register const char* r1 __asm__("r1") = s;
+  __asm volatile("bkpt 0xAB" : "+r"(r0) : "r"(r1) : "memory");
+}
+
 // Semihosting SYS_EXIT (0x18): ends QEMU when it runs with -semihosting-config enable=on; status 0 is
 // ADP_Stopped_ApplicationExit, anything else ADP_Stopped_RunTimeErrorUnknown (QEMU exits 1).
 static inline void mps2_semihosting_exit(int status) {

@@ -35,36 +35,41 @@ void Reset_Handler(void) {
   }
 }
 
-static void fault_print(const char* s) {
-  for (; *s; ++s) {
+static char* fault_put(char* p, const char* s) {
+  while (*s) *p++ = *s++;
+  return p;
+}
+
+static char* fault_put_hex(char* p, uint32_t v) {
+  p = fault_put(p, "0x");
+  for (int i = 7; i >= 0; --i) *p++ = "0123456789abcdef"[(v >> (4 * i)) & 0xFu];
+  return p;
+}
+
+// Reports the exception number, the stacked PC and LR and the fault status on UART 0 and on QEMU's own
+// output (semihosting SYS_WRITE0: QEMU may exit before a reader drains the UART's pty), then ends QEMU.
+__attribute__((used)) static void fault_report(const uint32_t* frame) {
+  uint32_t ipsr;
+  __asm volatile("mrs %0, ipsr" : "=r"(ipsr));
+  char msg[128];
+  char* p = fault_put(msg, "\r\nedgeq: fault, exception ");
+  p = fault_put_hex(p, ipsr & 0x1FFu);
+  p = fault_put(p, " pc ");
+  p = fault_put_hex(p, frame[6]);
+  p = fault_put(p, " lr ");
+  p = fault_put_hex(p, frame[5]);
+  p = fault_put(p, " cfsr ");
+  p = fault_put_hex(p, MPS2_SCB_CFSR);
+  p = fault_put(p, " hfsr ");
+  p = fault_put_hex(p, MPS2_SCB_HFSR);
+  p = fault_put(p, "\r\n");
+  *p = '\0';
+  for (const char* s = msg; *s; ++s) {
     while (MPS2_UART0_STATE & MPS2_UART_STATE_TXFULL) {
     }
     MPS2_UART0_DATA = (uint32_t)(uint8_t)*s;
   }
-}
-
-static void fault_print_hex(uint32_t v) {
-  char buf[11] = "0x00000000";
-  for (int i = 0; i < 8; ++i) buf[9 - i] = "0123456789abcdef"[(v >> (4 * i)) & 0xFu];
-  fault_print(buf);
-}
-
-// Reports the exception number, the stacked PC and the fault status, then ends the emulation.
-__attribute__((used)) static void fault_report(const uint32_t* frame, uint32_t exc_return) {
-  uint32_t ipsr;
-  __asm volatile("mrs %0, ipsr" : "=r"(ipsr));
-  (void)exc_return;
-  fault_print("\r\nedgeq: fault, exception ");
-  fault_print_hex(ipsr & 0x1FFu);
-  fault_print(" pc ");
-  fault_print_hex(frame[6]);
-  fault_print(" lr ");
-  fault_print_hex(frame[5]);
-  fault_print(" cfsr ");
-  fault_print_hex(MPS2_SCB_CFSR);
-  fault_print(" hfsr ");
-  fault_print_hex(MPS2_SCB_HFSR);
-  fault_print("\r\n");
+  mps2_semihosting_write0(msg + 2);
   mps2_semihosting_exit(1);
   for (;;) {
   }
@@ -77,7 +82,6 @@ __attribute__((naked)) void HardFault_Handler(void) {
       "ite eq\n\t"
       "mrseq r0, msp\n\t"
       "mrsne r0, psp\n\t"
-      "mov r1, lr\n\t"
       "b fault_report\n\t");
 }
 
