@@ -4,9 +4,10 @@
 
 Trains the float model and its Bayesian twin once (deploy.app.train_pipeline), then per method (float,
 TF-MOT int8 QAT, uniform, QIU, QINU, RB, Bayesian Bits) allocates, fine-tunes with TF-MOT QAT, exports
-through the same converter / slicing / storage path as `edgeq run`, and measures the exported .tflite in the TFLM interpreter
-over the whole test split. Writes lenet5_mnist.{json,md,png} and regression_mlp.{json,md} (`*_quick.*`
-with --quick: a few hundred training images, 1 epoch per stage, 500 test images).
+through the same converter / slicing / storage path as `edgeq run`, and measures the exported .tflite
+in the TFLM interpreter over the whole test split. Writes lenet5_mnist.{json,md,png} and
+regression_mlp.{json,md} (`*_quick.*` with --quick: a few hundred training images, 1 epoch per stage,
+500 test images).
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ class RunOptions:
     epochs: int | None = None  # caps every training stage (smoke runs)
     keep_dense: bool = False  # Dense as FULLY_CONNECTED instead of 1x1 CONV_2D (see quantize_model)
     qat_start: str = "float"  # QAT from the float weights, or "twin": from the Bayesian twin's means
+    distribute: str | None = None  # "multi-worker": the twin trains on the workers TF_CONFIG names
     target: Target = field(default_factory=Target)
     force: bool = False  # replace files in out that edgeq did not write (see deploy.artifacts)
 
@@ -118,7 +119,9 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
     # Models (float, QAT, two .tflite), C arrays in four copies, the test split, reports and plots.
     need = 64 * model.count_params() + splits.x_test.nbytes + splits.y_test.nbytes + (1 << 20)
     check_space(Path(opts.out), need)
-    return train(spec, splits, opts.seed, on_stage, model=model)
+    from edgeq.distribute import strategy_for
+
+    return train(spec, splits, opts.seed, on_stage, model=model, strategy=strategy_for(opts.distribute))
 
 
 def make_candidate(

@@ -39,7 +39,7 @@ REPLACED = ".replaced"  # inside a staging folder: what the new files replaced, 
 COMPLETE, WRITING = "complete", "writing"
 # errno values that mean the disk (or quota, or a size limit) said no: a one-line error, not a bug.
 WRITE_ERRNOS = frozenset(
-    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO") if hasattr(errno, n)
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS") if hasattr(errno, n)
 )
 # The same failures as libraries word them when they drop the errno (h5py, TensorFlow's file layer).
 WRITE_PHRASES = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system")
@@ -234,12 +234,21 @@ def check_space(out: Path, needed_bytes: int) -> None:
         )
 
 
-def write_error(e: OSError, out: Path) -> OutputError | None:
-    """An OutputError for an OSError that means the disk refused a write (full, quota, read-only)."""
+def disk_refusal(e: BaseException) -> str | None:
+    """Why, when an exception means the disk refused a write (full, quota, size limit, read-only)."""
     text = " ".join(str(e).split())
-    if e.errno not in WRITE_ERRNOS and not any(p in text for p in WRITE_PHRASES):
+    phrase = next((p for p in WRITE_PHRASES if p in text), None)
+    code = getattr(e, "errno", None)
+    if code in WRITE_ERRNOS:
+        return getattr(e, "strerror", None) or phrase or os.strerror(code)
+    return phrase
+
+
+def write_error(e: OSError, out: Path) -> OutputError | None:
+    """An OutputError for an OSError that means the disk refused a write into out."""
+    why = disk_refusal(e)
+    if why is None:
         return None
-    why = e.strerror or next(p for p in WRITE_PHRASES if p in text)
     return OutputError(
         f"cannot write the artifacts into {out}: {why}; free some space or choose another --out "
         f"(the folder keeps the files it had)"

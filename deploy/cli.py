@@ -55,6 +55,11 @@ def _options(args: argparse.Namespace):
         raise EdgeqError(f"--workers {args.workers} must be at least 1")
     if not args.out.strip():  # Path("") is ".": the current folder, which nobody means by an empty name
         raise EdgeqError("--out needs a folder name (e.g. --out out/); an empty one would mean this folder")
+    from deploy.search.executors import check_executor
+    from edgeq.distribute import check_distribute
+
+    check_executor(args.executor, args.ray_address)
+    check_distribute(args.distribute)
     target = load_target(
         args.board, args.flash_budget, args.ram_budget, args.decode_budget, args.decompress_to, args.kernels
     )
@@ -68,6 +73,7 @@ def _options(args: argparse.Namespace):
         epochs=args.epochs,
         keep_dense=args.keep_dense,
         qat_start=args.qat_start,
+        distribute=args.distribute,
         target=target,
         force=args.force,
     )
@@ -114,12 +120,15 @@ def _spec(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from deploy.app import run
+    from edgeq.distribute import strategy_for
 
     opts, targets, methods = _options(args)
+    strategy_for(args.distribute)  # collective ops must be set up before TensorFlow runs any op
     spec = _spec(args)
     progress = Progress(args.quiet, args.stderr)
     if opts.target.searching or args.max_accuracy_drop is not None:
         from deploy.search import sweep
+        from deploy.search.executors import make_executor
 
         rep = sweep(
             spec,
@@ -128,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
             methods=methods,
             max_accuracy_drop=args.max_accuracy_drop,
             workers=args.workers,
+            executor=make_executor(args.executor, workers=args.workers, address=args.ray_address),
             on_stage=progress,
         )
     else:
@@ -264,7 +274,29 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
 
 
 def _search_args(r: argparse.ArgumentParser) -> None:
-    """The budget search: board, budgets, targets, methods, workers."""
+    """The budget search: board, budgets, targets, methods, workers, and where the work runs."""
+    from deploy.search.executors import EXECUTORS
+
+    r.add_argument(
+        "--executor",
+        choices=tuple(EXECUTORS),
+        default="local",
+        help="where a search's candidates are screened: local (--workers processes) or ray (Ray tasks; "
+        "needs pip install 'edgeq[ray]')",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster for --executor ray: auto, host:port or ray://host:port; unset: RAY_ADDRESS, "
+        "else a local Ray with --workers CPUs",
+    )
+    r.add_argument(
+        "--distribute",
+        choices=("multi-worker",),
+        default=None,
+        help="train the Bayesian twin on the workers named by TF_CONFIG "
+        "(tf.distribute.MultiWorkerMirroredStrategy)",
+    )
     r.add_argument(
         "--board",
         default=None,
@@ -363,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         module, func = DELEGATED[argv[0]]
+        if argv[0] == "virtual-board" and "--qemu" in argv:  # the firmware itself, on an emulated Cortex-M4
+            module, func = "deploy.device.qemu", "main_qemu"
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     args = parser().parse_args(argv)
     with native_logs_to_file(args.command == "run" and not getattr(args, "verbose", False)) as (err, log):
@@ -378,10 +412,16 @@ def main(argv: list[str] | None = None) -> int:
             print("edgeq: interrupted; nothing half-written was left in the output folder", file=err)
             code = 130
         except Exception as e:  # noqa: BLE001  (a bug: keep the traceback in the log, say where it is)
-            traceback.print_exc()
-            where = f" (traceback in {log})" if log else ""
-            print(f"edgeq: internal error: {type(e).__name__}: {e}{where}", file=err)
-            code = 1
+            from deploy.artifacts import disk_refusal
+
+            if why := disk_refusal(e):  # a full temp disk under TensorFlow's converter, say: not a bug
+                print(f"edgeq: error: a write failed ({why}); free some space and run again", file=err)
+                code = 2
+            else:
+                traceback.print_exc()
+                where = f" (traceback in {log})" if log else ""
+                print(f"edgeq: internal error: {type(e).__name__}: {e}{where}", file=err)
+                code = 1
     if log and code != 1:  # keep the log only for internal errors, where it holds the traceback
         Path(log).unlink(missing_ok=True)
     return code

@@ -91,20 +91,26 @@ def is_chief(environ: Mapping[str, str] | None = None) -> bool:
     return task["type"] == "chief" or ("chief" not in cfg["cluster"] and task["index"] == 0)
 
 
+_STRATEGIES: dict[str, object] = {}  # one per process: collective ops can be configured only once
+
+
 def strategy_for(distribute: str | None):
     """The tf.distribute strategy for a --distribute value (None: train in this process alone).
 
-    Call it before TensorFlow runs any op: collective ops can only be configured at program startup.
+    The first call builds it, and must come before TensorFlow runs any op (collective ops are
+    configured at program startup); later calls return the same strategy.
     """
     check_distribute(distribute)
     if distribute is None:
         return None
-    import tensorflow as tf
+    if distribute not in _STRATEGIES:
+        import tensorflow as tf
 
-    try:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    except (RuntimeError, ValueError) as e:
-        raise DistributeError(
-            f"MultiWorkerMirroredStrategy could not start ({str(e).splitlines()[0]}); "
-            "build it before TensorFlow runs anything else"
-        ) from None
+        try:
+            _STRATEGIES[distribute] = tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            raise DistributeError(
+                f"MultiWorkerMirroredStrategy could not start ({str(e).splitlines()[0]}); "
+                "build it (edgeq.distribute.strategy_for) before TensorFlow runs anything else"
+            ) from None
+    return _STRATEGIES[distribute]

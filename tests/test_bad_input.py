@@ -252,6 +252,17 @@ def test_foreign_files_are_kept_unless_force(work):
     assert mine.read_text() == "int mine;\n" and (out / "report.md").read_text() == "my notes\n"
 
 
+def test_names_become_bounded_identifiers_and_one_line_text():
+    from deploy.export.carrays import MAX_IDENT, c_identifier, safe_text
+
+    long_a, long_b = "a" * 300 + "1", "a" * 300 + "2"
+    a, b = c_identifier(long_a), c_identifier(long_b)
+    assert len(a) <= MAX_IDENT and len(b) <= MAX_IDENT and a != b and re.fullmatch(r"[a-z_][a-z0-9_]*", a)
+    text = safe_text('x"\n#include <y>\r\u2028*/\\??/' + "z" * 200)
+    assert text.isprintable() and len(text) <= 80 and not set('"\\') & set(text) and "*/" not in text
+    assert "??" not in text and safe_text("\n\t") == "model"
+
+
 # --- the manifest, in process (no TensorFlow) -------------------------------------------------------
 
 

@@ -141,3 +141,22 @@ def test_a_good_tf_config_and_the_chief():
     with pytest.raises(DistributeError, match="unknown --distribute 'ring'"):
         check_distribute("ring")
     check_distribute(None)
+
+
+def test_the_strategy_must_come_before_any_tensorflow_op(tmp_path):
+    code = (
+        "import edgeq, tensorflow as tf\n"
+        "tf.constant(1.0) + 1.0\n"
+        "from edgeq.distribute import DistributeError, strategy_for\n"
+        "try:\n"
+        "    strategy_for('multi-worker')\n"
+        "except DistributeError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    port = _free_ports(1)[0]
+    tf_config = {"cluster": {"worker": [f"localhost:{port}"]}, "task": {"type": "worker", "index": 0}}
+    env = dict(os.environ, TF_CONFIG=json.dumps(tf_config))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "ERROR MultiWorkerMirroredStrategy could not start (Collective ops must be configured" in out

@@ -58,7 +58,9 @@ def test_ray_tasks_screen_like_the_local_pool(setup, local_ray, tmp_path):
     assert len(jobs) >= 6
     local = screen(jobs, trained, spec, opts, executor=LocalExecutor(2))
     seen: list[tuple[int, int]] = []
-    ray_rows = screen(jobs, trained, spec, opts, executor=RayExecutor(), on_result=lambda d, n: seen.append((d, n)))
+    ray_rows = screen(
+        jobs, trained, spec, opts, executor=RayExecutor(), on_result=lambda d, n: seen.append((d, n))
+    )
     assert seen == [(i, len(jobs)) for i in range(1, len(jobs) + 1)]  # one call per result, as they came
     assert [(r.method, r.target) for r in ray_rows] == [(r.method, r.target) for r in local] == jobs
     for lo, ry in zip(local, ray_rows, strict=True):
@@ -75,7 +77,7 @@ def _chosen(setup, out: Path, **kw) -> tuple:
     # (the executor) can differ between them.
     keras.utils.set_random_seed(0)
     rep = sweep(spec, RunOptions(out=out), targets=(3.0, 4.0, 6.0), methods=("qiu",), trained=trained, **kw)
-    row = next(r for r in rep.to_json()["search"]["candidates"] if r["chosen"])
+    row = next(r for r in rep.to_json()["search"]["rows"] if r["chosen"])
     dep = rep.to_json()["models"]["deployed"]
     assert dep["flash_bytes"] == row["flash_bytes"] == (out / "model.tflite").stat().st_size
     return row["method"], row["target"], row["bits"], row["flash_bytes"]

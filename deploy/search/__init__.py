@@ -139,10 +139,13 @@ def sweep(
     on_stage=None,
 ) -> Report:
     """Train once (or reuse `trained`), screen each distinct plan, QAT the finalists, deploy the best."""
+    from deploy.search.executors import make_executor
     from deploy.search.screen import screen
 
     for m in methods:
         check_method(m)
+    # A named executor is built (Ray checked and reached) before any training.
+    executor = make_executor(executor, workers=workers) if isinstance(executor, str) else executor
     spec, _, _ = prepare(spec, opts)
     clock = StageClock(on_stage) if on_stage else StageClock()
     trained = trained or train_pipeline(spec, opts, clock)

@@ -183,6 +183,7 @@ class RayExecutor:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, **quiet)
             else:
                 ray.init(address=address, **quiet)
+        pending: dict = {}
         try:
             keys = tuple(shared)
             refs = [ray.put(shared[k]) for k in keys]  # once: every task reads the same objects
@@ -193,11 +194,19 @@ class RayExecutor:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    results[pending.pop(ref)] = ray.get(ref)
+                    try:
+                        results[pending.pop(ref)] = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        # An edgeq error in a task is the user's one line, not Ray's traceback around it.
+                        if isinstance(e.cause, EdgeqError):
+                            raise e.cause from None
+                        raise
                     done += 1
                     on_result(done, len(jobs))
             return results
         finally:
+            for ref in pending:  # a task failed: on a cluster, the rest would run on for nothing
+                ray.cancel(ref)
             if started:
                 ray.shutdown()
 

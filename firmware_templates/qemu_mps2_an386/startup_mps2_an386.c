@@ -2,8 +2,9 @@
 //
 // Reset: enable the FPU (the firmware is built with -mfloat-abi=hard, so the first VFP instruction would
 // fault with the coprocessor off), copy .data from its load address, zero .bss, run the C++ constructors,
-// call main(). A fault prints one line on UART0 and ends QEMU through semihosting (run QEMU with
-// -semihosting-config enable=on), so a crash shows as an exit with a message rather than a silent hang.
+// call main(). A fault (or any unexpected exception) prints one line on UART 0 and on QEMU's log and ends
+// QEMU through semihosting (run it with -semihosting-config enable=on): a crash shows as an exit with a
+// message rather than a silent hang.
 #include <stdint.h>
 
 #include "mps2_an386.h"
@@ -85,9 +86,9 @@ __attribute__((naked)) void HardFault_Handler(void) {
       "b fault_report\n\t");
 }
 
-void Default_Handler(void) { HardFault_Handler(); }
-
-#define WEAK_ALIAS __attribute__((weak, alias("Default_Handler")))
+// Every other exception and interrupt is unexpected: reported like a fault (IPSR names which one).
+#define WEAK_ALIAS __attribute__((weak, alias("HardFault_Handler")))
+void Default_Handler(void) WEAK_ALIAS;
 void NMI_Handler(void) WEAK_ALIAS;
 void MemManage_Handler(void) WEAK_ALIAS;
 void BusFault_Handler(void) WEAK_ALIAS;
@@ -99,6 +100,7 @@ void SysTick_Handler(void) WEAK_ALIAS;
 
 // 16 core exceptions + the 32 external interrupts QEMU's mps2-an386 wires (num-irq 32); none is enabled.
 typedef void (*vector_fn)(void);
+#define IRQ8(h) h, h, h, h, h, h, h, h
 __attribute__((section(".isr_vector"), used)) const vector_fn g_vectors[16 + 32] = {
     (vector_fn)(uintptr_t)&__stack_top,
     Reset_Handler,
@@ -116,5 +118,5 @@ __attribute__((section(".isr_vector"), used)) const vector_fn g_vectors[16 + 32]
     0,
     PendSV_Handler,
     SysTick_Handler,
-    [16 ... 47] = Default_Handler,
+    IRQ8(Default_Handler), IRQ8(Default_Handler), IRQ8(Default_Handler), IRQ8(Default_Handler),
 };
