@@ -559,3 +559,17 @@ def strip_names(model_bytes: bytes) -> bytes:
         for t in sg.tensors:
             t.name = ""
     return bytes(model.build())
+
+
+def entropy_limit(model_bytes: bytes) -> int:
+    """sum over weight tensors of n * H(values) / 8, plus 4 bytes per output channel's int32 bias.
+
+    The floor an ideal entropy coder reaches on the stored integers, beside the fixed-width packing limit.
+    """
+    total = 0.0
+    for t, _ in weight_inputs(read(model_bytes)):
+        vals = tensor_values(t).reshape(-1)
+        _, counts = np.unique(vals, return_counts=True)
+        p = counts / vals.size
+        total += vals.size * float(-(p * np.log2(p)).sum()) / 8 + 4 * int(t.shape[0])
+    return int(np.ceil(total))

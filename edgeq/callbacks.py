@@ -64,21 +64,26 @@ class InformativenessMonitor(keras.callbacks.Callback):
             self._writer.flush()
 
 
+# The methods of edgeq.allocators that need only the posteriors (bb trains gates on the float model).
+POSTERIOR_METHODS = ("qiu", "qinu", "rb")
+
+
 class BitAllocation(keras.callbacks.Callback):
     """Computes the BitPlan from the model's posteriors at the end of training (or after a given epoch)."""
 
     def __init__(
         self,
         target_bits: float,
-        method: str = "qi",
+        method: str = "qiu",
         at: str | int = "train_end",
         path: str | Path | None = None,
         **allocate_kwargs,
     ):
         super().__init__()
-        if method not in ("qi", "rb"):
+        if method not in POSTERIOR_METHODS:
             raise ModelError(
-                f"BitAllocation method {method!r}: use 'qi' (Quantile Inform) or 'rb' (Random Bits)"
+                f"BitAllocation method {method!r}: use qiu or qinu (Quantile Inform, uniform or quantile grid) "
+                "or rb (Random Bits); the other methods of edgeq.allocators need the float model too"
             )
         self.target_bits, self.method, self.at = target_bits, method, at
         self.path = None if path is None else Path(path)
@@ -92,8 +97,11 @@ class BitAllocation(keras.callbacks.Callback):
         from edgeq import allocate
 
         posts = bayes.posteriors(self.model)
-        fn = allocate.quantile_inform if self.method == "qi" else allocate.random_bits
-        self.plan = fn(posts, self.target_bits, **self.kwargs)
+        if self.method == "rb":
+            self.plan = allocate.random_bits(posts, self.target_bits, **self.kwargs)
+        else:
+            quantizer = "uniform" if self.method == "qiu" else "quantile"
+            self.plan = allocate.quantile_inform(posts, self.target_bits, quantizer=quantizer, **self.kwargs)
         if self.path is not None:
             self.plan.save(self.path)
 

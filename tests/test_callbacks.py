@@ -28,7 +28,7 @@ def test_callbacks_inside_fit(bnn, digits, tmp_path):
 
     x, y = digits
     monitor = InformativenessMonitor(target_bits=4, log_dir=tmp_path / "tb")
-    alloc = BitAllocation(target_bits=4, method="qi", path=tmp_path / "plan.json")
+    alloc = BitAllocation(target_bits=4, method="qiu", path=tmp_path / "plan.json")
     kl = KLWeight(linear_warmup(4))
     hist = bnn.fit(x[:512], y[:512], epochs=2, batch_size=64, verbose=0, callbacks=[kl, monitor, alloc])
 

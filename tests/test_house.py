@@ -57,6 +57,8 @@ def test_a_toy_allocator_and_storage_run_end_to_end_through_the_tables(toy_run):
     dep = body["models"]["deployed"]
     assert dep["storage"] == "toy8" and dep["variants"] == {"toy8": (out / "model.tflite").stat().st_size}
     assert dep["bit_exact_compressed_vs_uncompressed"] and 0.5 < dep["accuracy_tflm"] <= 1.0
+    # six-bit values hold at most 63 distinct integers: their entropy is below the fixed six bits
+    assert 0 < dep["entropy_limit_bytes"] <= dep["packing_limit_bytes"]
     assert json.loads((out / "bitplan.json").read_text())["method"] == "toy"
     # the CLI's choices and help come from the tables
     assert "toy" in run_help and "toy8" in run_help and "six bits everywhere" in run_help

@@ -74,11 +74,10 @@ def test_report_shape_and_claims(run_dir):
     ):
         assert key in dep
     assert dep["bit_exact_compressed_vs_uncompressed"] is True
-    # Dense layers deploy as 1x1 convolutions, whose reference kernels agree across the two runtimes.
-    assert dep["bit_exact_tflm_vs_litert"] is True
+    # Dense stays FULLY_CONNECTED, whose rescale LiteRT's reference kernels round differently: <= 1 LSB.
     ref = dep["litert"]["BUILTIN_REF"]
-    assert ref["bit_exact_vs_tflm"] and ref["rows_identical"] == 1.0
-    assert ref["accuracy"] == pytest.approx(dep["accuracy_tflm"], abs=1e-3)  # same outputs, rounded
+    assert dep["bit_exact_tflm_vs_litert"] is ref["bit_exact_vs_tflm"] and ref["max_abs_diff"] <= 1
+    assert ref["accuracy"] == pytest.approx(dep["accuracy_tflm"], abs=0.02)
     assert set(dep["litert"]) == {"BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"}
     assert all(c["latency_us"] > 0 and c["max_abs_diff"] >= 0 for c in dep["litert"].values())
     assert dep["flash_bytes"] == (run_dir / "model.tflite").stat().st_size < int8["flash_bytes"]

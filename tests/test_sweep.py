@@ -118,3 +118,12 @@ def test_board_allowances_shrink_the_budget():
     assert b.model_flash == board.flash_bytes - board.firmware_allowance_bytes
     assert b.model_ram == board.ram_bytes - board.stack_allowance_bytes
     assert Target(board=board, flash_budget=1000).model_flash == 1000
+
+
+def test_a_model_below_the_accuracy_floor_is_refused_with_both_ends_named(setup, tmp_path):
+    # A floor no model can meet (it asks for 50 points above the float model): the search must refuse,
+    # name the most accurate fitting model and say that none is within the floor, and write nothing.
+    budget = Target(flash_budget=1 << 20, ram_budget=1 << 20)
+    with pytest.raises(BudgetError, match=r"points below the float model .*-50-point floor; no candidate"):
+        _sweep(setup, tmp_path, budget=budget, floor=-50.0)
+    assert not (tmp_path / "model.tflite").exists()

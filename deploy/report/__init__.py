@@ -160,6 +160,7 @@ def _litert_section(ms) -> dict:
 
 def _deployed_section(f: RunFacts) -> dict:
     from deploy.export.limits import packing_limit
+    from deploy.flatbuffer import entropy_limit
 
     ms, ex = f.measured, f.candidate.exported
     limit = packing_limit(f.trained.float_model, f.candidate.plan.bits)
@@ -169,6 +170,7 @@ def _deployed_section(f: RunFacts) -> dict:
         "storage": ex.deployed.kind,
         **_tflm_figures(ms.deployed),
         "packing_limit_bytes": int(limit),
+        "entropy_limit_bytes": entropy_limit(ex.uncompressed),
         # The headline: LiteRT's reference kernels, the ones TFLM's kernels are ported from.
         "bit_exact_tflm_vs_litert": litert["BUILTIN_REF"]["bit_exact_vs_tflm"],
         "litert": litert,

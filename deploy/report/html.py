@@ -56,7 +56,8 @@ def _models(b: dict) -> str:
             _n(d["flash_bytes"]),
             _n(d["arena_bytes"]),
         ],
-        ["packing limit", "", _n(d["packing_limit_bytes"]), ""],
+        ["packing limit (fixed width)", "", _n(d["packing_limit_bytes"]), ""],
+        ["entropy limit of the stored values", "", _n(d.get("entropy_limit_bytes")), ""],
     ]
     t = b.get("target", {})
     note = (

@@ -46,7 +46,8 @@ def _notes(body) -> list[str]:
         f"- Flash bytes are model bytes (the .tflite the C array holds), without the firmware's code. "
         f"Arena bytes: {t.get('arena_measured_with', 'host TFLM')}; the board's kernel set is "
         f"{t.get('kernels', 'reference')}.",
-        f"- Packing limit: {d['packing_limit_bytes']:,} B; "
+        f"- Packing limit (fixed width): {d['packing_limit_bytes']:,} B; entropy limit of the stored values: "
+        f"{d.get('entropy_limit_bytes', 0):,} B; "
         f"deployed/limit = {d['ratio_to_packing_limit']:.3f}, "
         f"deployed/int8 = {d['ratio_to_int8']:.3f}.",
         "- LiteRT on model_uncompressed.tflite (it cannot load DECODE), held against TFLM's outputs:",

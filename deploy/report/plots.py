@@ -44,15 +44,17 @@ def flash_bytes(folder: Path, rep: Report) -> None:
     plt, m = _pyplot(), rep.body["models"]
     d = m["deployed"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    labels = ["float", "int8", "uncompressed", "deployed", "packing limit"]
+    labels = ["float", "int8", "uncompressed", "deployed", "packing limit", "entropy limit"]
     vals = [
         m["float"]["flash_bytes"],
         m["int8"]["flash_bytes"],
         d["uncompressed_flash_bytes"],
         d["flash_bytes"],
         d["packing_limit_bytes"],
+        d.get("entropy_limit_bytes", 0),
     ]
-    ax.bar(labels, vals, color=["silver", "gray", "tab:purple", "tab:green", "tab:red"])
+    ax.bar(labels, vals, color=["silver", "gray", "tab:purple", "tab:green", "tab:red", "tab:orange"])
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("bytes (model)")
     ax.set_title("flash bytes")
     fig.tight_layout()

@@ -31,6 +31,7 @@ from edgeq.training import Trained
 
 DEFAULT_TARGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 FINALISTS = 2
+DEFAULT_FLOOR = 2.0  # accuracy points below float a search may hand over without being told otherwise
 SCREEN_SAMPLES = 2000  # candidates are screened on this many test samples, finalists on the whole split
 
 
@@ -110,11 +111,42 @@ def _why(best: SearchRow, n_fitting: int, target: Target, max_drop: float | None
     )
 
 
+def check_floor(
+    best: SearchRow, rows: list[SearchRow], base: float, floor: float | None, target: Target
+) -> None:
+    """BudgetError when the most accurate fitting model is more than `floor` points below the float model.
+
+    The message names that model and the smallest model (fitting or not) within the floor, so the user
+    sees both ends of the trade. Regression scores (-MAE) have no points: no floor applies.
+    """
+    drop = (base - best.score) * 100
+    if floor is None or base < 0 or drop <= floor:
+        return
+    within = [r for r in rows if (base - r.score) * 100 <= floor]
+    small = min(within, key=lambda r: r.flash_bytes, default=None)
+    smallest = (
+        f"the smallest within the floor is {small.method} at target {small.target:g}: "
+        f"{small.flash_bytes:,} B flash, {small.arena_bytes:,} B arena, score {small.score:.4f}"
+        if small
+        else "no candidate is within the floor"
+    )
+    raise BudgetError(
+        f"the most accurate model that fits {target.describe()} ({best.method} at target {best.target:g}, "
+        f"{best.flash_bytes:,} B) scores {best.score:.4f}, {drop:.2f} points below the float model "
+        f"({base:.4f}), more than the {floor:g}-point floor; {smallest}; raise the budget, or pass "
+        "--max-accuracy-drop none to accept the drop"
+    )
+
+
+def float_score(trained: Trained) -> float:
+    """The float model's headline score on the test split."""
+    s = trained.splits
+    return headline(keras_score(trained.float_model, s.x_test, s.y_test, s.task))
+
+
 def _choose(rows, finals, trained, spec, opts, max_drop) -> tuple[SearchRow, Candidate]:
     """The winning row (marked chosen) and its candidate; BudgetError when none is within max_drop."""
-    base = headline(
-        keras_score(trained.float_model, trained.splits.x_test, trained.splits.y_test, trained.splits.task)
-    )
+    base = float_score(trained)
     best = pick([f for f, _ in finals], max_drop, base) or pick(rows, max_drop, base)
     if best is None:
         raise BudgetError(
@@ -137,8 +169,13 @@ def sweep(
     workers: int = 2,
     executor: str | Executor = "local",
     on_stage=None,
+    floor: float | None = DEFAULT_FLOOR,
 ) -> Report:
-    """Train once (or reuse `trained`), screen each distinct plan, QAT the finalists, deploy the best."""
+    """Train once (or reuse `trained`), screen each distinct plan, QAT the finalists, deploy the best.
+
+    With a budget and no max_accuracy_drop the most accurate fitting model wins, but never one more than
+    `floor` points below float (None: any); with max_accuracy_drop, the smallest fitting one within it.
+    """
     from deploy.search.executors import make_executor
     from deploy.search.screen import screen
 
@@ -157,6 +194,8 @@ def sweep(
     clock("qat", f"QAT fine-tuning of up to {FINALISTS} finalists ({spec.qat_epochs} epochs)")
     finals = _finalists(rows, trained, spec, opts, max_accuracy_drop)
     best, cand = _choose(rows, finals, trained, spec, opts, max_accuracy_drop)
+    if max_accuracy_drop is None:  # the most accurate fitting model must still be within the floor
+        check_floor(best, rows + [f for f, _ in finals], float_score(trained), floor, opts.target)
     all_rows = _mark_chosen(rows + [f for f, _ in finals], best)
     why = _why(best, sum(r.fits for r in rows), opts.target, max_accuracy_drop)
     summary = SearchSummary(opts.target.describe(), why, tuple(all_rows))
