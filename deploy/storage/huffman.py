@@ -30,7 +30,7 @@ from tflite_micro.tensorflow.lite.micro.compression import compressor, decode, m
 
 from deploy.flatbuffer import INT8
 from deploy.storage.base import Storage, StorageError, StorageKind
-from deploy.storage.prune import encode_model, storage_of
+from deploy.storage.encode import encode_model, storage_of
 
 HUFFMAN_VERSION = 1  # decode_state_huffman.cc refuses any other value in DCM byte 4
 MAX_CODE_BITS = 16  # longest codeword; bounds the lookups a rare value costs (the format has no limit)

@@ -13,35 +13,25 @@ tensor, the channel's zero point for a per-channel int8 tensor (channel axis 0 o
 runtime rejects any other quantized dimension). TFLite int8 weights are symmetric (zero point 0), so
 "pruned" means "exactly zero" for every weight tensor the converter writes.
 
-This module also holds the model driver the HUFFMAN storage shares (encode_model, storage_of): pick the
-weight tensors, run a plugin over each, keep only the encodings that make the file smaller, and let
-tflite_micro's decode_insert put the DECODE operators in.
+The model driver it shares with HUFFMAN (pick the weights, keep the encodings that pay, insert DECODE)
+is deploy/storage/encode.py.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from tflite_micro.tensorflow.lite.micro.compression import (
     compressor,
-    constant_inputs,
     decode,
-    decode_insert,
     model_editor,
     spec,
 )
 
-# Private in tflite_micro, and the only way to the C++ re-aligner it wraps: the Python flatbuffers
-# builder ignores the schema's force_align, and DECODE reads encoded data as 32-bit words (HUFFMAN) and
-# value tables in their element type, so buffers must keep the 16-byte alignment TFLM assumes.
-from tflite_micro.tensorflow.lite.micro.compression.compress import _apply_flatbuffer_alignment
-from tflite_micro.tensorflow.lite.micro.python.schema_py_generated import TensorType
-
-from deploy.flatbuffer import INT4, INT8, WeightTensor, read, unpack_int4_tensors, weight_inputs
+from deploy.flatbuffer import INT8
 from deploy.storage.base import Storage, StorageError, StorageKind
+from deploy.storage.encode import encode_model, storage_of
 
 PRUNE_VERSION = 1  # decode_state_prune.cc refuses any other value in DCM byte 4
 
@@ -145,103 +135,9 @@ class PruneCompressor(compressor.Compressor):
 # -- The model driver (shared with deploy.storage.huffman) ---------------------------------------------
 
 
-def weight_tensor_ids(model: model_editor.Model) -> list[tuple[int, int]]:
-    """(subgraph, tensor index) of every constant weight input of a conv, depthwise conv or dense op."""
-    where = {id(t): (si, ti) for si, sg in enumerate(model.subgraphs) for ti, t in enumerate(sg.tensors)}
-    return [where[id(t)] for t, _ in weight_inputs(model)]
-
-
-def _tensor(model: model_editor.Model, sg: int, ti: int) -> model_editor.Tensor:
-    """The named tensor, checked to be a constant INT8 tensor the DECODE output may replace."""
-    if not 0 <= sg < len(model.subgraphs) or not 0 <= ti < len(model.subgraphs[sg].tensors):
-        raise StorageError(f"no tensor {ti} in subgraph {sg}; name tensors as (subgraph, tensor index)")
-    subgraph = model.subgraphs[sg]
-    tensor = subgraph.tensors[ti]
-    if tensor.buffer is None or not len(tensor.buffer.data):
-        raise StorageError(
-            f"tensor {ti} ({tensor.name!r}) of subgraph {sg} is not constant; only weights encode"
-        )
-    if tensor.dtype == INT4:
-        raise StorageError(
-            f"tensor {ti} ({tensor.name!r}) is packed INT4; widen the model with "
-            "deploy.flatbuffer.unpack_int4_tensors first (build() does)"
-        )
-    uses = constant_inputs.find_uses(subgraph, tensor)
-    if uses:
-        raise StorageError(
-            f"tensor {ti} ({tensor.name!r}) must stay constant: " + "; ".join(u.describe() for u in uses)
-        )
-    return tensor
-
-
-def _with_decode(model_bytes: bytes, results: dict[tuple[int, int], compressor.CompressionResult]) -> bytes:
-    """The model with the encoded tensors installed behind DECODE operators, 16-byte aligned."""
-    model = model_editor.read(bytes(model_bytes))
-    with warnings.catch_warnings():
-        # decode_insert warns and skips a tensor sharing its buffer with an unencoded one: size can't drop.
-        warnings.simplefilter("ignore")
-        decode_insert.insert_decode_operators(model, results)
-    for sg, ti in results:
-        encoded = model.subgraphs[sg].tensors[ti]
-        if encoded.dtype == TensorType.UINT8 and encoded.quantization is None:
-            # decode_insert clears the wrapper's quantization, but build() keeps the TensorT's own copy, so
-            # the UINT8 encoded tensor would carry the scales and zero points its DECODE output also
-            # carries: 12 bytes per channel twice (1.5 KB for a 128-channel depthwise filter).
-            encoded._fb.quantization = None
-    return bytes(_apply_flatbuffer_alignment(model.build()))
-
-
-def encode_model(
-    model_bytes: bytes,
-    plugin: compressor.Compressor,
-    method: spec.CompressionMethod,
-    tensors: list[tuple[int, int]] | None = None,
-) -> bytes:
-    """The model with each chosen tensor encoded by plugin behind a DECODE operator, where that pays.
-
-    tensors: (subgraph, tensor index) pairs; None means every conv/dense weight. A tensor is encoded only
-    if its payload (encoded + ancillary bytes) is smaller than its raw bytes and encoding it alone makes
-    the file smaller: each DECODE also costs the flatbuffer 150-350 bytes (an operator, two tensors, their
-    names, alignment), more than a small tensor saves. With nothing worth encoding the input comes back
-    unchanged.
-    """
-    model = model_editor.read(bytes(model_bytes))
-    chosen = weight_tensor_ids(model) if tensors is None else [(int(s), int(t)) for s, t in tensors]
-    results: dict[tuple[int, int], compressor.CompressionResult] = {}
-    for sg, ti in dict.fromkeys(chosen):
-        tensor = _tensor(model, sg, ti)
-        try:
-            result = plugin.compress(tensor, method)
-        except compressor.CompressionError as e:
-            raise StorageError(
-                f"{plugin.decode_type.name} cannot encode tensor {ti} ({tensor.name!r}): {e}"
-            ) from e
-        if len(result.encoded_data) + len(result.ancillary_data) < len(tensor.buffer.data):
-            results[(sg, ti)] = result
-    if not results:
-        return bytes(model_bytes)
-    base = len(_with_decode(model_bytes, {}))  # the rebuilt model, so layouts compare like for like
-    paying = {k: r for k, r in results.items() if len(_with_decode(model_bytes, {k: r})) < base}
-    if not paying:
-        return bytes(model_bytes)
-    encoded = _with_decode(model_bytes, paying)
-    return encoded if len(encoded) < len(model_bytes) else bytes(model_bytes)
-
-
 def compress(model_bytes: bytes, tensors: list[tuple[int, int]] | None = None) -> bytes:
     """The int8 model with its weights (default: every conv/dense weight) PRUNE-encoded where that pays."""
     return encode_model(model_bytes, PruneCompressor(), spec.PruningCompression(), tensors)
-
-
-def storage_of(kind: str, converted: bytes, encode: Callable[[bytes], bytes]) -> Storage:
-    """A Storage of the given kind: INT4 tensors widened to int8, then encode(plain model) applied.
-
-    With no tensor worth encoding the model is plain int8 and says so, as the LUT storage does.
-    """
-    plain = unpack_int4_tensors(converted)
-    encoded = encode(plain)
-    tensors = tuple(WeightTensor.of(t, op) for t, op in weight_inputs(read(plain)))
-    return Storage(kind if encoded != plain else "int8", encoded, tensors)
 
 
 def build(converted: bytes) -> Storage:
