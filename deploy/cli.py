@@ -160,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
             print(drop_line(rep.body))
     else:
         rep = run(spec, opts, progress)
+    for warning in rep.body.get("warnings", []):
+        print(f"edgeq: warning: {warning}", file=args.stderr or sys.stderr)
     print(summary_line(rep.body, args.out))
     if "board" in rep.body:
         print(rep.body["board"]["message"])

@@ -20,3 +20,23 @@ def weight_layers(model: keras.Model) -> dict[str, int]:
             kernel = layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel
             sizes[layer.name] = int(np.prod(kernel.shape))
     return sizes
+
+
+def unplanned_layers(model: keras.Model, planned: set[str] | frozenset[str]) -> dict[str, str]:
+    """Layer name -> why its weights are not in the plan, for every layer with weights outside `planned`.
+
+    They still reach the device, at the converter's int8 (or float where it has no int8 kernel).
+    """
+    out = {}
+    for layer in model.layers:
+        if not layer.weights or layer.name in planned:
+            continue
+        kind = type(layer).__name__
+        if type(layer) in QUANTIZABLE:
+            why = f"{kind} has no TFP variational twin here, so no informativeness: kept at 8 bits"
+        elif kind in ("BatchNormalization", "LayerNormalization", "Normalization", "Rescaling"):
+            continue  # folded into the layer before it, or no weights that QAT quantizes
+        else:
+            why = f"{kind} is not a layer edgeq quantizes (Conv2D, DepthwiseConv2D, Dense): kept at 8 bits"
+        out[layer.name] = why
+    return out

@@ -59,6 +59,7 @@ def test_a_toy_allocator_and_storage_run_end_to_end_through_the_tables(toy_run):
     assert dep["bit_exact_compressed_vs_uncompressed"] and 0.5 < dep["accuracy_tflm"] <= 1.0
     # six-bit values hold at most 63 distinct integers: their entropy is below the fixed six bits
     assert 0 < dep["entropy_limit_bytes"] <= dep["packing_limit_bytes"]
+    assert body["warnings"] == [] and body["plan"]["unplanned"] == []  # every weight layer is planned
     assert json.loads((out / "bitplan.json").read_text())["method"] == "toy"
     # the CLI's choices and help come from the tables
     assert "toy" in run_help and "toy8" in run_help and "six bits everywhere" in run_help
@@ -163,3 +164,30 @@ def test_every_kind_comes_from_one_table():
     with pytest.raises(Exception, match="unknown method 'qi'; use one of qiu, qinu, rb, uniform, bb"):
         allocators.check_method("qi")
     assert np.isfinite(len(storage.choices()))
+
+
+def test_layers_outside_the_plan_are_named_with_the_reason_and_divergence_warns():
+    import tf_keras as keras
+
+    from deploy.report import divergence_warnings
+    from edgeq.layers import unplanned_layers
+
+    model = keras.Sequential(
+        [
+            keras.layers.Input((8, 8, 1)),
+            keras.layers.SeparableConv2D(4, 3, name="sep"),
+            keras.layers.DepthwiseConv2D(3, name="dw"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, name="fc"),
+        ]
+    )
+    why = unplanned_layers(model, {"fc"})
+    assert set(why) == {"sep", "dw"}  # BN folds into the layer before it; fc is planned
+    assert "SeparableConv2D is not a layer edgeq quantizes" in why["sep"] and "8 bits" in why["sep"]
+    assert "no TFP variational twin" in why["dw"]
+    close = {"qat_keras": {"accuracy": 0.60}, "deployed": {"accuracy_tflm": 0.59}}
+    far = {"qat_keras": {"accuracy": 0.605}, "deployed": {"accuracy_tflm": 0.144}}  # the LSTM case
+    assert divergence_warnings(close) == []
+    assert "46.1 points below the QAT model" in divergence_warnings(far)[0]
+    assert divergence_warnings({"qat_keras": {"mae": 1.0}, "deployed": {"mae_tflm": 1.5}})

@@ -106,10 +106,14 @@ def _plan_section(f: RunFacts) -> dict:
         }
         for n in plan.layers
     ]
+    from edgeq.layers import unplanned_layers
+
+    unplanned = unplanned_layers(f.trained.float_model, set(plan.layers))
     return {
         "method": f.candidate.method,
         "mean_bits": _r(plan.mean_bits(sizes)),
         "layers": layers,
+        "unplanned": [{"name": n, "bits": 8, "reason": why} for n, why in unplanned.items()],
         "allocation_seconds": _r(f.candidate.allocate_s, 4),
         **({"meta": _jsonable(plan.meta)} if plan.meta else {}),
     }
@@ -218,6 +222,30 @@ def _target_section(f: RunFacts) -> dict:
     }
 
 
+ACCURACY_TOLERANCE = 0.02  # TFLM may differ from the fake-quant Keras model by rounding, not by this much
+MAE_TOLERANCE = 0.10  # relative
+
+
+def divergence_warnings(models: Mapping[str, Any]) -> list[str]:
+    """A line when the deployed model in TFLM scores far from the QAT model in Keras (e.g. an int8 LSTM)."""
+    qat, dep = models["qat_keras"], models["deployed"]
+    if "accuracy" in qat:
+        gap = qat["accuracy"] - dep["accuracy_tflm"]
+        if gap <= ACCURACY_TOLERANCE:
+            return []
+        return [
+            f"TFLM accuracy {dep['accuracy_tflm']:.4f} is {100 * gap:.1f} points below the QAT model's "
+            f"{qat['accuracy']:.4f} in Keras (tolerance {100 * ACCURACY_TOLERANCE:g}): the converter or a "
+            "kernel changes what the model computes; check the layers not in the plan, or --storage int8"
+        ]
+    if dep["mae_tflm"] <= qat["mae"] * (1 + MAE_TOLERANCE):
+        return []
+    return [
+        f"TFLM MAE {dep['mae_tflm']:.4f} is more than {100 * MAE_TOLERANCE:g}% above the QAT model's "
+        f"{qat['mae']:.4f} in Keras: the converter or a kernel changes what the model computes"
+    ]
+
+
 def build(
     facts: RunFacts, *, stage_seconds: Mapping[str, float], search: SearchSummary | None = None
 ) -> Report:
@@ -249,6 +277,7 @@ def build(
             "decode_budget_bytes": sliced.budget,
             "layers": [dataclasses.asdict(r) for r in sliced.rows],
         }
+    body["warnings"] = divergence_warnings(body["models"])
     dep = body["models"]["deployed"]
     fit = f.target.fit(dep["flash_bytes"], dep["arena_bytes"])
     if fit is not None:

@@ -73,6 +73,9 @@ def _plan(b: dict) -> str:
         [r["name"], f"{r['params']:,}", f"{r['informativeness']:.4g}", r["bits"], r["quantizer"]]
         for r in layers
     ]
+    rows += [
+        [u["name"], "", "not in the plan", u["bits"], u["reason"]] for u in b["plan"].get("unplanned", [])
+    ]
     return "<h2>Bits per layer against informativeness</h2>" + _table(
         ["layer", "params", "informativeness |mu|/sigma", "bits", "quantizer"], rows
     )
@@ -142,6 +145,7 @@ def render(rep: Report, folder: Path) -> str:
     parts = [
         f"<h1>edgeq report: {_e(b['pipeline'])}</h1>",
         f'<p id="summary">{summary}</p>',
+        *(f'<p class="warning"><b>Warning:</b> {_e(w)}</p>' for w in b.get("warnings", [])),
         board,
         _models(b),
         _img(folder, "flash_bytes.png", "flash bytes"),

@@ -80,7 +80,9 @@ def _notes(body) -> list[str]:
 
 
 def _plan(body) -> list[str]:
-    lines = [
+    unplanned = body["plan"].get("unplanned", [])
+    lines = [f"- Not in the plan: {u['name']} ({u['bits']} bits): {u['reason']}." for u in unplanned]
+    lines += [
         "",
         "## Bit plan",
         "",
@@ -146,6 +148,7 @@ def render(rep: Report) -> str:
     head = [
         f"# edgeq report: {' '.join(str(b['pipeline']).split())}",  # a name with a newline stays one line
         "",
+        *(f"**Warning:** {w}\n" for w in b.get("warnings", [])),
         f"Seed {b['seed']}, target {b['target_bits']:g} mean bits, method **{b['plan']['method']}**: "
         f"mean bits **{b['plan']['mean_bits']:.3f}** (paper eq. 8). Deployed storage: "
         f"**{b['models']['deployed']['storage']}**.",
