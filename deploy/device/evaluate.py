@@ -55,7 +55,11 @@ def _load_build(build: Path) -> tuple[bytes, np.ndarray, np.ndarray]:
         x, y = np.asarray(d["x"]), np.asarray(d["y"])
     if len(x) != len(y) or len(x) == 0:
         raise EdgeqError(f"{data_path}: x has {len(x)} rows and y {len(y)}; need the same number, > 0")
-    return model_path.read_bytes(), x, y
+    from deploy.verify import verify_tflite
+
+    model = model_path.read_bytes()
+    verify_tflite(model, str(model_path))  # a malformed file must not reach TFLM in this process
+    return model, x, y
 
 
 def _scores(raw: np.ndarray, y: np.ndarray, out_q) -> dict:

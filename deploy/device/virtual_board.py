@@ -73,6 +73,9 @@ class VirtualBoard:
         if not path.is_file():
             raise EdgeqError(f"{path} not found; --build must name an `edgeq run` output folder")
         self.model = path.read_bytes()
+        from deploy.verify import verify_tflite
+
+        verify_tflite(self.model, str(path))  # a malformed file must not reach TFLM in this process
         self.interp = tflm_interpreter(self.model)
         qi, qo = io_quant(self.interp, "input"), io_quant(self.interp, "output")
         # Measured before the thread starts: it briefly redirects the process's stdout/stderr.
