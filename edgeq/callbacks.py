@@ -82,8 +82,8 @@ class BitAllocation(keras.callbacks.Callback):
         super().__init__()
         if method not in POSTERIOR_METHODS:
             raise ModelError(
-                f"BitAllocation method {method!r}: use qiu or qinu (Quantile Inform, uniform or quantile grid) "
-                "or rb (Random Bits); the other methods of edgeq.allocators need the float model too"
+                f"BitAllocation method {method!r}: use qiu or qinu (Quantile Inform, uniform or quantile "
+                "grid) or rb (Random Bits); the other methods of edgeq.allocators need the float model too"
             )
         self.target_bits, self.method, self.at = target_bits, method, at
         self.path = None if path is None else Path(path)
