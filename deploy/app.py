@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import deploy.planning  # noqa: F401  (registers the "planner" allocation method: it prices deploy's bytes)
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import report
 from deploy.artifacts import check_space, prepare_out, staging
@@ -127,6 +128,19 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
     return train(spec, splits, opts.seed, on_stage, model=model, strategy=strategy_for(opts.distribute))
 
 
+def allocate_for(
+    method: str, trained: Trained, target_bits: float, spec: PipelineSpec, opts: RunOptions
+) -> BitPlan:
+    """The method's BitPlan; the planner prices its options with this run's export settings."""
+    if method == "planner":  # the table's entry assumes the defaults: 16 KiB slices, FULLY_CONNECTED
+        from deploy.planning import planner_allocator
+
+        t = opts.target
+        planner = planner_allocator(t.decode_budget, t.model_ram, opts.keep_dense)
+        return planner.allocate(trained, target_bits, spec, opts.seed)
+    return allocate(method, trained, target_bits, spec, opts.seed)
+
+
 def make_candidate(
     trained: Trained,
     spec: PipelineSpec,
@@ -142,7 +156,7 @@ def make_candidate(
 
     on_stage("allocate", f"allocating bits ({method}, target {target_bits:g} mean bits)")
     t0 = time.perf_counter()
-    plan = plan or allocate(method, trained, target_bits, spec, opts.seed)
+    plan = plan or allocate_for(method, trained, target_bits, spec, opts)
     allocate_s = time.perf_counter() - t0
     on_stage("qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)")
     # QAT starts from the float weights (or the twin's means) on fixed grids whose ranges minimise the

@@ -244,6 +244,7 @@ def _model_args(r: argparse.ArgumentParser) -> None:
 
 def _plan_args(r: argparse.ArgumentParser) -> None:
     """How to plan, store and deploy the weights (choices from the tables)."""
+    import deploy.planning  # noqa: F401  (its "planner" method joins the table)
     from deploy.boards import KERNEL_SETS
     from deploy.storage import AUTO, STORAGES
     from deploy.storage import choices as storage_choices

@@ -880,8 +880,17 @@ def pareto_front(
     ]
 
 
-def choose(front: Sequence[Plan], flash_budget: int | None = None, ram_budget: int | None = None) -> Plan:
-    """The least-cost plan within the budgets (ties: less flash, then less RAM)."""
+def choose(
+    front: Sequence[Plan],
+    flash_budget: int | None = None,
+    ram_budget: int | None = None,
+    accept: Callable[[Plan], bool] | None = None,
+) -> Plan:
+    """The least-cost plan within the budgets (ties: less flash, then less RAM).
+
+    accept: a further test a plan must pass (e.g. the exporter's exact bytes, where the options' sums are
+    only bounds); it is asked only of plans within the budgets.
+    """
     if not front:
         raise PlanError("the Pareto front is empty; build it with pareto_front")
     fits = [
@@ -889,6 +898,15 @@ def choose(front: Sequence[Plan], flash_budget: int | None = None, ram_budget: i
         for p in front
         if (flash_budget is None or p.flash <= flash_budget) and (ram_budget is None or p.ram <= ram_budget)
     ]
+    if accept is not None and fits:
+        # cheapest first, so the (possibly slow) test runs only until one passes
+        for p in sorted(fits, key=lambda p: (p.cost, p.flash, p.ram)):
+            if accept(p):
+                return p
+        raise PlanError(
+            f"no plan within flash {flash_budget} B and RAM {ram_budget} B passes the caller's test; "
+            "raise a budget or offer cheaper options"
+        )
     if not fits:
         least_f = min(front, key=lambda p: (p.flash, p.ram))
         least_r = min(front, key=lambda p: (p.ram, p.flash))
@@ -942,9 +960,18 @@ def plan_for_target(
     flash_base: int = 0,
     ram_base: int = 0,
     ram_floor: int = 0,
+    flash_budget: int | None = None,
+    accept: Callable[[Plan], bool] | None = None,
 ) -> Plan:
-    """`edgeq run`'s default: the least-cost plan with no more flash than the uniform plan at target_bits."""
-    budget = flash_of_uniform(options_per_layer, target_bits, storage=storage, flash_base=flash_base)
+    """`edgeq run`'s default: the least-cost plan with no more flash than the uniform plan at target_bits.
+
+    flash_budget replaces that uniform plan's flash (a caller that knows the whole file's bytes better,
+    e.g. across storages); accept is passed to choose.
+    """
+    if flash_budget is None:
+        budget = flash_of_uniform(options_per_layer, target_bits, storage=storage, flash_base=flash_base)
+    else:
+        budget = int(flash_budget)
     front = pareto_front(
         options_per_layer,
         resolution=resolution,
@@ -952,4 +979,4 @@ def plan_for_target(
         ram_base=ram_base,
         ram_floor=ram_floor,
     )
-    return choose(front, budget, ram_budget)
+    return choose(front, budget, ram_budget, accept)

@@ -158,7 +158,7 @@ def test_board_clock_fpu_and_flavours_reach_the_firmware(tiny_tflite, tmp_path):
 def test_every_kind_comes_from_one_table():
     from deploy.firmware import FLAVOURS
 
-    assert set(allocators.ALLOCATORS) == {"qiu", "qinu", "rb", "uniform", "bb"}
+    assert set(allocators.ALLOCATORS) == {"qiu", "qinu", "rb", "uniform", "bb", "planner"}  # planner: deploy
     assert {"int8", "int4", "lut", "prune", "huffman"} <= set(storage.STORAGES)
     assert set(FLAVOURS) == {"cmake", "zephyr", "arduino"}
     with pytest.raises(Exception, match="unknown method 'qi'; use one of qiu, qinu, rb, uniform, bb"):

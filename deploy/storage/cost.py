@@ -11,11 +11,12 @@ persistent arena. What a plan changes is then counted object by object:
   Data vectors pad to 4 bytes; nothing else in the file depends on the bits.
 - lut storage (INT4 widened, every weight tensor with <= 128 distinct values per LUT unit compressed by
   tflite-micro, names stripped): per compressed tensor ceil(n * index_bits / 8) bytes of indices, a
-  DECODE operator and its output tensor (LUT_TENSOR, plus LUT_UNIT_QUANT per extra channel: the
-  output carries the per-channel scales and zero points again), and an ancillary tensor (16-byte DCM
-  + one value table of `stride` int8 entries per unit) that byte-identical tensors share (a tensor
-  whose every unit holds the whole symmetric grid has the canonical table). The rebuild gives every
-  activation the empty buffer 0 (BUFFER_ENTRY less per extra empty buffer) and adds the DECODE code.
+  DECODE operator and its output tensor (LUT_TENSOR + LUT_DIM per dimension, plus LUT_UNIT_QUANT per
+  extra channel: the output carries the per-channel scales and zero points again), and an ancillary
+  tensor (16-byte DCM + one value table of `stride` int8 entries per unit) that byte-identical tensors
+  share (a tensor whose every unit holds the whole symmetric grid has the canonical table). The rebuild
+  gives every activation the empty buffer 0 (BUFFER_ENTRY less per extra empty buffer) and adds the
+  DECODE operator code.
   index_bits = ceil(log2(stride)), stride = the most distinct values in any unit, so a 5-bit layer
   with 9 weights per channel is stored in 4-bit indices.
 - arena: TFLM's greedy planner, simulated exactly over the activations, each INT4 operator's unpack
@@ -43,7 +44,8 @@ DECODE_CODE_BYTES = 16 * 1024
 # Flatbuffer objects, in bytes (measured on the stored files of digits, LeNet-5 and ResNet-8).
 BUFFER_ENTRY = 16  # a Buffer table, its offset in Model.buffers and the data vector's length word
 LUT_OPCODE = 64  # the TFLM_DECODE operator code (custom code string), once per model
-LUT_TENSOR = 122  # per compressed tensor: DECODE operator, its output tensor, the 1-D encoded shape
+LUT_TENSOR = 106  # per compressed tensor: DECODE operator, its output tensor, the 1-D encoded shape...
+LUT_DIM = 4  # ...and per dimension of the DECODE output's shape (int32 each)
 LUT_UNIT_QUANT = 12  # per channel of a per-channel DECODE output beyond the first: float scale + int64 zp
 LUT_ANCILLARY = 50  # per distinct ancillary tensor, beyond its data: tensor table, shape, buffer entry
 DCM_BYTES = 16  # DECODE Common Metadata at the head of every ancillary tensor
@@ -152,6 +154,7 @@ class SliceStore:
     stride: int = 0  # lut: values per table
     tables: Hashable | None = None  # lut: what its value tables hold; equal ones share one ancillary tensor
     per_channel: bool = False
+    rank: int = 4  # dimensions of the weight tensor
 
     @property
     def index_bits(self) -> int:
@@ -210,11 +213,14 @@ def _tflm_tail(model: bytes) -> int:
 def shapes_from_tflite(converted: bytes, decode_budget: int | None = 16 * 1024) -> ModelShapes:
     """The byte model's view of a model, from the converter's output for any plan (names still in it).
 
-    Runs the exporter's value-independent steps on it (slicing under decode_budget, stripping names),
-    widens INT4 payloads back to INT8 in the count, and reads the graph and TFLM's persistent arena.
+    Runs the exporter's value-independent steps on it (slicing under decode_budget, the export's default
+    16 KiB; stripping names), widens INT4 payloads back to INT8 in the count, and reads the graph and
+    TFLM's persistent arena.
     """
     from tflite_micro.tensorflow.lite.micro.compression import model_editor
 
+    # The one import of deploy.export from the storage room: the model predicts the exporter's output, so
+    # it slices as the exporter does (imported here: deploy.export imports this package).
     from deploy.export.slicing import layer_name, slice_weights
     from deploy.flatbuffer import INT4, _parse, is_per_channel, strip_names, unpack_int4_tensors
 
@@ -328,12 +334,13 @@ def slice_stores(
     if storage not in ("int4", "lut", "int8"):
         raise ValueError(f"storage {storage!r}: use int4, lut or int8 (auto picks between int4 and lut)")
     out = []
+    rank = len(layer.shape)
     for k, s in enumerate(layer.slices):
         if storage == "int8" or (storage == "int4" and bits > 4):
-            out.append(SliceStore("int8", s.elements, s.units, per_channel=layer.per_channel))
+            out.append(SliceStore("int8", s.elements, s.units, per_channel=layer.per_channel, rank=rank))
             continue
         if storage == "int4":
-            out.append(SliceStore("int4", s.elements, s.units, per_channel=layer.per_channel))
+            out.append(SliceStore("int4", s.elements, s.units, per_channel=layer.per_channel, rank=rank))
             continue
         if distinct is not None:
             stride, tables = distinct[k]
@@ -341,9 +348,9 @@ def slice_stores(
             stride = min(2**bits - 1, s.per_unit)
             tables = (FULL, bits) if 2**bits - 1 <= s.per_unit else None
         if stride > MAX_LUT_STRIDE:
-            out.append(SliceStore("int8", s.elements, s.units, per_channel=layer.per_channel))
+            out.append(SliceStore("int8", s.elements, s.units, per_channel=layer.per_channel, rank=rank))
         else:
-            out.append(SliceStore("lut", s.elements, s.units, stride, tables, layer.per_channel))
+            out.append(SliceStore("lut", s.elements, s.units, stride, tables, layer.per_channel, rank))
     return tuple(out)
 
 
@@ -357,7 +364,7 @@ def store_flash(stores: Sequence[SliceStore]) -> int:
         total += st.payload
         if st.kind != "lut":
             continue
-        total += LUT_TENSOR + LUT_UNIT_QUANT * (st.units - 1)
+        total += LUT_TENSOR + LUT_DIM * st.rank + LUT_UNIT_QUANT * (st.units - 1)
         key = st.share_key
         if key is None or key not in seen:
             total += LUT_ANCILLARY + st.ancillary_bytes
@@ -554,8 +561,7 @@ def byte_cost(
             )
         if storage == "int4" and bits > 4:
             raise ValueError(f"layer {name!r}: INT4 holds at most 4 bits, not {bits}")
-        whole = {"int8": "int8", "int4": "int4", "lut": "lut"}[storage]
-        stores = slice_stores(layer, bits, whole, (distinct or {}).get((name, bits)))
+        stores = slice_stores(layer, bits, storage, (distinct or {}).get((name, bits)))
         if storage == "lut" and any(st.kind != "lut" for st in stores):
             raise ValueError(
                 f"layer {name!r}: {bits}-bit tables exceed {MAX_LUT_STRIDE} values; not LUT-storable"

@@ -1,0 +1,398 @@
+"""The planner as an allocation method ("planner"): the twin's uncertainty against the exporter's bytes (#19).
+
+For every planned layer and bit width the options carry the grid QAT will really use (edgeq.optimize.
+interval_ranges: the symmetric range fitted to the float kernel, BatchNorm folded, weighted by the twin's
+1/sigma^2, as prepare_qat fixes it), its uncertainty cost sum (Q(w) - w)^2 / sigma^2 on the weights QAT
+starts from, and the bytes deploy.storage.cost predicts for it under each whole-model storage: int4 (INT4
+at <= 4 bits, INT8 above) and lut (TFLM LUT tables for every tensor with <= 128 values per unit). The
+storage is one per model, so each storage is planned on its own with edgeq.planner.plan_for_target and the
+cheaper plan kept. Without a flash budget the target bits mean "no more flash than the uniform plan at
+that many bits", that plan stored as --storage auto would store it.
+
+A plan is accepted only if the storage it assumes is the one --storage auto will pick, by a margin, and
+(for lut plans, whose tables depend on the trained weights) if it fits the budget by that margin; the
+storage and the bytes assumed per layer are in plan.meta. The reference the byte model needs is one
+conversion of the model at 8 bits (a few seconds).
+
+The allocator assumes what `edgeq run` does by default: --storage auto, the 16 KiB decode budget,
+QAT from the float weights, Dense as FULLY_CONNECTED; planner_allocator(...) makes one for other settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from deploy.export.slicing import DEFAULT_DECODE_BUDGET
+from deploy.storage.cost import (
+    DECODE_CODE_BYTES,
+    ModelShapes,
+    Prediction,
+    family_base,
+    layer_ram,
+    predict_storage,
+    ram_floor,
+    shapes_from_tflite,
+    slice_distinct,
+    slice_stores,
+    store_flash,
+)
+from edgeq.allocators import ALLOCATORS, Allocator
+from edgeq.errors import PlanError
+from edgeq.pipeline import PipelineSpec
+from edgeq.plan import BitPlan
+from edgeq.planner import Grid, Option, Plan, plan_for_target, uncertainty_cost
+from edgeq.posterior import LayerPosterior
+from edgeq.training import Trained
+
+FAMILIES = ("int4", "lut")  # the whole-model storages --storage auto chooses between
+QAT_BITS = range(2, 9)
+# Safety margin for bytes that depend on the trained weights (LUT tables and index widths move a little in
+# QAT): the larger of these, against the budget and between the two storages' files.
+MARGIN_BYTES = 64
+MARGIN_FRACTION = 0.005
+REFERENCE_SAMPLES = 8  # calibration rows for the reference conversion: its ranges don't change its bytes
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """One layer at one bit width: the grid QAT will use, its uncertainty cost, the tables it will store."""
+
+    grid: Grid
+    cost: float
+    distinct: tuple[tuple[int, Hashable], ...]  # per slice: (LUT stride, tables key), deploy.storage.cost
+
+
+def reference_shapes(
+    trained: Trained, decode_budget: int | None = DEFAULT_DECODE_BUDGET, keep_dense: bool = True
+) -> ModelShapes:
+    """The byte model's reference: the float model as QAT builds it (every layer 8 bits), converted once.
+
+    keep_dense: Dense as FULLY_CONNECTED (the run's default) or as 1x1 CONV_2D (--dense-as-conv).
+    """
+    from deploy.export.convert import convert
+    from edgeq.optimize import quantize_model
+
+    plan = BitPlan.from_bits({name: 8 for name in trained.sizes})
+    qat = quantize_model(trained.float_model, plan, keep_dense=keep_dense)
+    return shapes_from_tflite(convert(qat, trained.splits.x_train, samples=REFERENCE_SAMPLES), decode_budget)
+
+
+def start_kernels(
+    model, posteriors: Sequence[LayerPosterior] = ()
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Per quantizable layer: the kernel QAT starts from (BatchNorm folded as quantize_model folds it) and
+    the twin's sigma scaled alike (None without a posterior)."""
+    from edgeq.layers import QUANTIZABLE
+    from edgeq.optimize import _bn_pairs  # the rule quantize_model folds by: the grids must see the same
+
+    folded_by = {conv: bn for bn, conv in _bn_pairs(model).items()}
+    sigmas = {p.name: p.sigma for p in posteriors}
+    out = {}
+    for layer in model.layers:
+        if type(layer) not in QUANTIZABLE:
+            continue
+        kernel = np.asarray(layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel)
+        kernel = kernel.astype(np.float64)
+        sigma = sigmas.get(layer.name)
+        sigma = None if sigma is None else np.asarray(sigma, dtype=np.float64).reshape(kernel.shape)
+        if layer.name in folded_by:
+            bn = model.get_layer(folded_by[layer.name])
+            gamma, _, _, var = bn.get_weights()
+            scale = gamma / np.sqrt(var + bn.epsilon)
+            kernel = kernel * scale
+            sigma = None if sigma is None else sigma * np.abs(scale)
+        out[layer.name] = (kernel, sigma)
+    return out
+
+
+def integers(kernel: np.ndarray, scale: np.ndarray | float, bits: int) -> np.ndarray:
+    """The integers the converter stores for kernel on a symmetric grid (TF's fake quant rounds half up)."""
+    lv = 2 ** (bits - 1) - 1
+    return np.clip(np.floor(kernel / scale + 0.5), -lv, lv).astype(np.int64)
+
+
+def stored_layout(q: np.ndarray, op: str) -> np.ndarray:
+    """Keras kernel integers in the layout deploy.storage.cost.slice_distinct reads (output channels first;
+    depthwise: channels last)."""
+    if op == "DEPTHWISE_CONV_2D":
+        return q.reshape(1, *q.shape[:2], -1)
+    return np.moveaxis(q, -1, 0)
+
+
+def layer_grids(
+    trained: Trained, shapes: ModelShapes, bits: Sequence[int]
+) -> dict[str, dict[int, LayerGrid]]:
+    """Every planned layer's grid, cost and LUT tables at each bit width (interval_ranges' grids)."""
+    from edgeq.layers import QUANTIZABLE
+    from edgeq.optimize import interval_ranges
+
+    kernels = start_kernels(trained.float_model, trained.posteriors)
+    names = [p.name for p in trained.posteriors]
+    missing = sorted(set(names) - set(shapes.names))
+    if missing:
+        raise PlanError(
+            f"the converted model has no weight tensor for layers {missing}; the planner needs every "
+            "planned layer to be one conv/dense operator"
+        )
+    model = trained.float_model
+    out: dict[str, dict[int, LayerGrid]] = {n: {} for n in names}
+    for b in bits:
+        ranges = interval_ranges(model, BitPlan.from_bits({n: b for n in names}), trained.posteriors)
+        lv = 2 ** (b - 1) - 1
+        for name in names:
+            kernel, sigma = kernels[name]
+            per_channel = QUANTIZABLE[type(model.get_layer(name))]
+            r = np.atleast_1d(np.asarray(ranges[name], dtype=np.float64))
+            r = np.where(r > 0, r, 1.0)  # FixedRangeQuantizer's rule for an all-zero channel
+            scale = r / lv
+            axis = kernel.ndim - 1 if per_channel else None
+            grid = Grid("symmetric", b, scale=tuple(scale), axis=axis, fit="interval")
+            cost = uncertainty_cost(LayerPosterior(name, kernel, sigma), grid)
+            layer = shapes.layer(name)
+            q = stored_layout(integers(kernel, scale if per_channel else scale[0], b), layer.op)
+            out[name][b] = LayerGrid(grid, cost, slice_distinct(layer, q))
+    return out
+
+
+def _fixed_distinct(trained: Trained, shapes: ModelShapes, names: Sequence[str]) -> dict:
+    """LUT tables of the layers QAT keeps at TF-MOT's 8 bits (LastValueQuantizer: max|w| per channel)."""
+    kernels = start_kernels(trained.float_model, trained.posteriors)
+    out = {}
+    for name in names:
+        kernel, _ = kernels[name]
+        layer = shapes.layer(name)
+        axes = tuple(range(kernel.ndim - 1)) if layer.per_channel else None
+        m = np.max(np.abs(kernel), axis=axes)
+        scale = np.where(m > 0, m, 1.0) / 127
+        out[name] = slice_distinct(layer, stored_layout(integers(kernel, scale, 8), layer.op))
+    return out
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What plan_layers found: the plan, its storage and bytes, and the uniform plan it had to beat."""
+
+    plan: BitPlan
+    prediction: Prediction
+    budget: int
+    uniform: Prediction | None
+
+
+def _margin(budget: int) -> int:
+    return max(MARGIN_BYTES, math.ceil(MARGIN_FRACTION * budget))
+
+
+def plan_layers(
+    trained: Trained,
+    target_bits: float,
+    spec: PipelineSpec,
+    *,
+    shapes: ModelShapes | None = None,
+    flash_budget: int | None = None,
+    ram_budget: int | None = None,
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    keep_dense: bool = True,
+) -> Planned:
+    """The least-uncertainty plan within the flash budget (default: the uniform plan's at target_bits)
+    and, if given, TFLM's arena within ram_budget.
+
+    shapes: the byte model's reference (reference_shapes; built here when None, from decode_budget and
+    keep_dense, which must be the export's).
+    """
+    shapes = shapes or reference_shapes(trained, decode_budget, keep_dense)
+    lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
+    if lo > hi:
+        raise PlanError(f"min_bits {spec.min_bits} > max_bits {spec.max_bits}: no bit width to plan")
+    pins = {n: int(b) for n, b in (spec.pin or {}).items()}
+    bad = {n: b for n, b in pins.items() if b not in QAT_BITS}
+    if bad:
+        raise PlanError(f"pinned bits {bad}: quantization-aware training takes 2..8 bits")
+    planned = [p.name for p in trained.posteriors]
+    allowed = {n: [pins[n]] if n in pins else list(range(lo, hi + 1)) for n in planned}
+    grids = layer_grids(trained, shapes, sorted({b for bs in allowed.values() for b in bs}))
+    fixed = [n for n in shapes.names if n not in grids]  # no posterior (depthwise): QAT keeps 8 bits
+    distinct: dict[str, Sequence] = _fixed_distinct(trained, shapes, fixed)
+    sizes = {p.name: p.size for p in trained.posteriors}
+
+    def exact(bits: Mapping[str, int], storage: str = "auto") -> Prediction:
+        d = {**distinct, **{n: grids[n][b].distinct for n, b in bits.items()}}
+        return predict_storage(shapes, dict(bits), storage, d)
+
+    def uniform_bits(b: int) -> dict[str, int]:
+        return {n: pins.get(n, min(max(b, lo), hi)) for n in planned}
+
+    uniform = None
+    if flash_budget is None:
+        fl, ce = math.floor(target_bits), math.ceil(target_bits)
+        f_lo = exact(uniform_bits(fl))
+        f_hi = f_lo if ce == fl else exact(uniform_bits(ce))
+        budget = int(math.floor(f_lo.flash + (target_bits - fl) * (f_hi.flash - f_lo.flash)))
+        uniform = f_lo if ce == fl else None
+    else:
+        budget = int(flash_budget)
+    margin = _margin(budget)
+    target_uniform = uniform_bits(int(target_bits)) if float(target_bits).is_integer() else None
+
+    best: tuple[Plan, Prediction, str] | None = None
+    for family in FAMILIES:
+        options, slack = {}, 0
+        for name in planned:
+            layer = shapes.layer(name)
+            opts = []
+            for b in allowed[name]:
+                g = grids[name][b]
+                stores = slice_stores(layer, b, family, g.distinct)
+                kinds = sorted({st.kind for st in stores})
+                label = "lut" if "lut" in kinds else kinds[0]
+                flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
+                opts.append(Option(name, b, label, g.grid, flash, ram, g.cost, sizes[name]))
+                slack = max(slack, flash)
+            options[name] = opts
+        base = family_base(shapes, family) + sum(
+            store_flash(slice_stores(shapes.layer(n), 8, family, distinct[n])) for n in fixed
+        )
+
+        def accept(plan: Plan, family: str = family) -> bool:
+            bits = plan.bits
+            ex = exact(bits)
+            if ex.storage != family:  # auto would store it the other way: that family's plan
+                return False
+            other = exact(bits, "lut" if family == "int4" else "int4")
+            if bits == target_uniform:
+                return ex.flash <= budget and (ram_budget is None or ex.arena <= ram_budget)
+            if ram_budget is not None and ex.arena > ram_budget:  # the options' RAM is only an estimate
+                return False
+            # lut bytes depend on the trained tables: keep a margin to the budget; the int4 ones are exact
+            room = margin if family == "lut" else 0
+            return ex.flash <= budget - room and other.flash - ex.flash > margin
+
+        try:
+            # the options' sums overcount LUT tables shared across layers; accept() checks the exact file
+            plan = plan_for_target(
+                options,
+                target_bits,
+                flash_base=base,
+                ram_base=shapes.tail,
+                ram_floor=ram_floor(shapes),
+                flash_budget=budget + (slack if family == "lut" else 0),
+                accept=accept,
+            )
+        except PlanError:
+            continue
+        pred = exact(plan.bits)
+        if best is None or (plan.cost, pred.flash) < (best[0].cost, best[1].flash):
+            best = (plan, pred, family)
+    if best is None:
+        raise PlanError(
+            f"no plan of {lo}..{hi} bits fits {budget:,} B of flash under int4 or lut storage; "
+            "raise the target bits or the flash budget"
+        )
+    plan, pred, family = best
+    layers_storage = {
+        name: [st.kind if st.kind != "lut" else f"lut{st.index_bits}" for st in stores]
+        for name, stores in pred.layers.items()
+    }
+    meta = {
+        "target_bits": target_bits,
+        "storage": pred.storage,
+        "storage_per_layer": layers_storage,
+        "predicted": {"flash_bytes": pred.flash, "arena_bytes": pred.arena, "storage": pred.storage},
+        "flash_budget": budget,
+        "uniform_flash": uniform.flash if uniform else None,
+        "margin_bytes": margin,
+        "decode_code_bytes": DECODE_CODE_BYTES if pred.storage == "lut" else 0,
+        "assumes": {
+            "storage": "auto",
+            "decode_budget": shapes.decode_budget,
+            "qat_start": "float",
+            "weight_ops": sorted({layer.op for layer in shapes.layers}),
+        },
+        "fixed_8_bit_layers": fixed,
+    }
+    return Planned(plan.to_bitplan("planner", meta=meta), pred, budget, uniform)
+
+
+def planner_allocator(
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET, ram_budget: int | None = None, keep_dense: bool = True
+) -> Allocator:
+    """The planner as an Allocator for export settings other than the run's defaults (decode budget, Dense
+    as CONV_2D) or with an arena budget."""
+
+    def allocate(trained: Trained, target_bits: float, spec: PipelineSpec, seed: int) -> BitPlan:
+        return plan_layers(
+            trained,
+            target_bits,
+            spec,
+            ram_budget=ram_budget,
+            decode_budget=decode_budget,
+            keep_dense=keep_dense,
+        ).plan
+
+    return Allocator("planner", allocate, "uncertainty x bytes planner (int4/LUT)", "*")
+
+
+PLANNER = planner_allocator()
+ALLOCATORS.setdefault("planner", PLANNER)
+
+
+def stored_layers(model: bytes, shapes: ModelShapes) -> dict[str, list[str]]:
+    """How a stored model keeps each layer's tensors: int8, int4 or lut<index bits>, per slice.
+
+    Names are stripped from stored models, so weight operators are matched to the reference's slices in
+    graph order (DECODE operators skipped).
+    """
+    from deploy.flatbuffer import INT4, describe, read
+
+    info = describe(model)
+    lut_bits = {t.index: t.lut.bits for t in info.tensors if t.role == "lut-indices"}
+    editor = read(model)
+    sg = editor.subgraphs[0]
+    index = {id(t): i for i, t in enumerate(sg.tensors)}
+    decoded = {}
+    for op in sg.operators:
+        if op.opcode_name == "TFLM_DECODE":
+            for k, y in enumerate(op.outputs):
+                decoded[id(y)] = lut_bits.get(index[id(op.inputs[2 * k])])
+    kinds = []
+    for op in sg.operators:
+        if op.opcode_name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op.inputs) < 2:
+            continue
+        w = op.inputs[1]
+        if id(w) in decoded:
+            kinds.append(f"lut{decoded[id(w)]}")
+        elif w.buffer is not None and len(w.buffer.data):
+            kinds.append("int4" if w.dtype == INT4 else "int8")
+    slices = sorted((s.op, layer.name) for layer in shapes.layers for s in layer.slices)
+    if len(kinds) != len(slices):
+        raise PlanError(f"the stored model has {len(kinds)} weight operators, the reference {len(slices)}")
+    out: dict[str, list[str]] = {}
+    for (_, name), kind in zip(slices, kinds, strict=True):
+        out.setdefault(name, []).append(kind)
+    return out
+
+
+def check_exported(plan: BitPlan, model: bytes, shapes: ModelShapes) -> list[str]:
+    """What differs between the storage a planner plan assumed and the stored model ([] when nothing).
+
+    Each tensor must be stored the way the plan assumed (int8, int4 or lut); LUT indices may come out
+    narrower than predicted (QAT can leave fewer distinct values) but never wider than the layer's bits.
+    """
+    want = plan.meta.get("storage_per_layer")
+    if not want:
+        return ["the plan has no meta['storage_per_layer']; only planner plans can be checked"]
+    got = stored_layers(model, shapes)
+    problems = []
+    for name, kinds in want.items():
+        have = got.get(name, [])
+        bits = plan.bits.get(name, 8)
+        same = len(have) == len(kinds) and all(
+            a.rstrip("0123456789") == b.rstrip("0123456789") for a, b in zip(kinds, have, strict=True)
+        )
+        wide = [k for k in have if k.startswith("lut") and int(k[3:]) > bits]
+        if not same or wide:
+            problems.append(f"layer {name!r} ({bits} bits): planned {kinds}, stored {have}")
+    return problems

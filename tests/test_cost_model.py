@@ -1,0 +1,161 @@
+"""deploy.storage.cost against the real exporter, and the planner as an allocation method, on digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.app import RunOptions, make_candidate, train_pipeline
+from deploy.export import ExportOptions, export
+from deploy.export.slicing import layer_name
+from deploy.flatbuffer import (
+    channel_axis,
+    is_per_channel,
+    max_distinct,
+    read,
+    tensor_values,
+    weight_inputs,
+)
+from deploy.measure.tflm import arena_bytes
+from deploy.planning import (
+    PLANNER,
+    check_exported,
+    layer_grids,
+    plan_layers,
+    reference_shapes,
+    stored_layers,
+)
+from deploy.storage.cost import (
+    DECODE_CODE_BYTES,
+    byte_cost,
+    predict,
+    predict_storage,
+    slice_distinct,
+)
+from edgeq.allocators import ALLOCATORS, check_method
+from edgeq.optimize import prepare_qat
+from edgeq.pipeline import load_pipeline
+from edgeq.plan import BitPlan
+from edgeq.planner import STORAGE_BITS, model_options
+from edgeq.training import fine_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+FLASH_TOL = 0.01  # of the file, or 64 B: the issue's target
+ARENA_TOL = 0.02
+PLANS = (
+    {"conv1": 4, "conv2": 4, "fc1": 4, "fc2": 4},
+    {"conv1": 3, "conv2": 3, "fc1": 3, "fc2": 3},
+    {"conv1": 8, "conv2": 3, "fc1": 2, "fc2": 6},
+)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    spec = load_pipeline(ROOT / "pipelines" / "digits.py").with_epochs(2)
+    opts = RunOptions(out=tmp_path_factory.mktemp("cost"))
+    trained = train_pipeline(spec, opts)
+    return spec, opts, trained, reference_shapes(trained)
+
+
+def _realised_distinct(shapes, converted: bytes) -> dict:
+    """Per layer and slice, the LUT strides and tables of the converter's integers (what LUT will store)."""
+    out = {}
+    for t, _ in weight_inputs(read(converted)):
+        name = layer_name(str(t.name))
+        out[name] = slice_distinct(shapes.layer(name), tensor_values(t))
+    return out
+
+
+@pytest.mark.parametrize("bits", PLANS, ids=lambda b: "-".join(map(str, b.values())))
+def test_predictions_match_the_exported_files(digits, bits):
+    spec, _, trained, shapes = digits
+    qat = prepare_qat(
+        trained.det, trained.float_model, BitPlan.from_bits(bits), trained.posteriors, keep_dense=True
+    )
+    fine_tune(qat, trained.splits, spec, 1)
+    s = trained.splits
+    ex = export(qat, s.x_train, s.x_test[:5], ExportOptions("auto"))
+    distinct = _realised_distinct(shapes, ex.uncompressed)
+    for v in ex.variants:
+        p = predict_storage(shapes, bits, v.kind, distinct)
+        assert abs(p.flash - len(v.model)) <= max(64, FLASH_TOL * len(v.model)), (
+            v.kind,
+            p.flash,
+            len(v.model),
+        )
+        real_arena = arena_bytes(v.model)
+        assert abs(p.arena - real_arena) <= ARENA_TOL * real_arena, (v.kind, p.arena, real_arena)
+        assert stored_layers(v.model, shapes) == {
+            n: [st.kind if st.kind != "lut" else f"lut{st.index_bits}" for st in sts]
+            for n, sts in p.layers.items()
+        }
+    assert predict_storage(shapes, bits, "auto", distinct).storage == ex.deployed.kind
+    # under int4 storage 2 and 3 bits cost what 4 bits cost: packed INT4 is n/2 bytes whatever b
+    assert predict(shapes, {n: 2 for n in bits}, "int4") == predict(shapes, {n: 4 for n in bits}, "int4")
+
+
+def test_byte_cost_serves_the_planner(digits):
+    _, _, trained, shapes = digits
+    opts = model_options(list(trained.posteriors), byte_cost(shapes), channel_axis={"conv1": -1, "conv2": -1})
+    conv2 = {(o.storage, o.bits): o.flash_bytes for o in opts["conv2"]}
+    assert conv2[("int4", 2)] == conv2[("int4", 4)] == 4608 // 2
+    assert conv2[("int8", 5)] == 4608
+    # LUT: b-bit indices, but per channel a table and the scales again, and a DECODE operator
+    assert conv2[("lut", 2)] < conv2[("lut", 3)] < conv2[("lut", 4)]
+    assert conv2[("lut", 4)] > conv2[("int4", 4)]
+    assert set(STORAGE_BITS) == {"int8", "int4", "lut"} and DECODE_CODE_BYTES > 0
+
+
+def test_planner_grids_are_the_ones_qat_fixes(digits):
+    from edgeq.optimize import interval_ranges
+
+    _, _, trained, shapes = digits
+    grids = layer_grids(trained, shapes, [3])
+    ranges = interval_ranges(
+        trained.float_model, BitPlan.from_bits({n: 3 for n in grids}), trained.posteriors
+    )
+    for name, by_bits in grids.items():
+        np.testing.assert_allclose(np.asarray(by_bits[3].grid.scale) * 3, np.atleast_1d(ranges[name]))
+
+
+@pytest.mark.parametrize("target", (4.0, 3.0))
+def test_planner_exports_what_it_planned_within_the_uniform_flash(digits, target):
+    spec, opts, trained, shapes = digits
+    assert check_method("planner") is ALLOCATORS["planner"] is PLANNER
+    cand = make_candidate(trained, spec, opts, "planner", target, 1)  # the allocator through the table
+    uniform = make_candidate(trained, spec, opts, "uniform", target, 1)
+    dep, uni = cand.exported.deployed, uniform.exported.deployed
+    assert len(dep.model) <= len(uni.model)
+    predicted = cand.plan.meta["predicted"]
+    assert dep.kind == cand.plan.meta["storage"] == predicted["storage"]
+    assert check_exported(cand.plan, dep.model, shapes) == []
+    assert abs(len(dep.model) - predicted["flash_bytes"]) <= max(64, FLASH_TOL * len(dep.model))
+    assert abs(arena_bytes(dep.model) - predicted["arena_bytes"]) <= ARENA_TOL * arena_bytes(dep.model)
+    assert plan_layers(trained, target, spec, shapes=shapes).plan.bits == cand.plan.bits
+    # every layer holds its planned bits: at most 2**b - 1 values per channel (the converter stores <= 4-bit
+    # layers on the INT4 grid, so a 3-bit channel holds 7 of -7..7, not -3..3)
+    for t, _ in weight_inputs(read(cand.exported.uncompressed)):
+        b = cand.plan.bits[layer_name(str(t.name))]
+        assert max_distinct(tensor_values(t), is_per_channel(t), channel_axis(t)) <= 2**b - 1
+
+
+def test_plan_for_target_takes_a_budget_and_a_test():
+    from edgeq.planner import Grid, Option, plan_for_target
+
+    def opt(layer: str, bits: int, flash: int, cost: float) -> Option:
+        return Option(layer, bits, "int8", Grid("symmetric", bits, scale=(0.1,)), flash, 0, cost, 100)
+
+    options = {
+        "a": [opt("a", 2, 25, 9.0), opt("a", 4, 50, 3.0), opt("a", 8, 100, 0.0)],
+        "b": [opt("b", 2, 25, 8.0), opt("b", 4, 50, 2.0), opt("b", 8, 100, 0.0)],
+    }
+    assert plan_for_target(options, 4).bits == {"a": 4, "b": 4}  # budget: the uniform 4-bit plan's 100 B
+    assert plan_for_target(options, 4, flash_budget=150).bits == {"a": 8, "b": 4}
+    # the test is asked cheapest first and may refuse what the options' sums allow
+    asked = []
+    plan = plan_for_target(
+        options, 4, flash_budget=150, accept=lambda p: asked.append(p.bits) or p.flash <= 100
+    )
+    assert plan.bits == {"a": 4, "b": 4} and asked[0] == {"a": 8, "b": 4}
