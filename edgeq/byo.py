@@ -58,16 +58,10 @@ def _has_pair(key: str, names: set[str]) -> bool:
 
 def _check_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
     """Numeric, non-empty, finite arrays whose x and y agree in length and x in example shape."""
+    from edgeq.validate import check_array
+
     for key, a in arrays.items():
-        if a.dtype.kind not in "biuf":
-            raise DataError(f"{path}: {key} holds {a.dtype} values; every array must be numeric")
-        if a.ndim == 0:
-            raise DataError(f"{path}: {key} is a single value; it must be an array with one row per example")
-        if len(a) == 0:
-            raise DataError(f"{path}: {key} is empty; every split needs at least one example")
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        if bad:
-            raise DataError(f"{path}: {key} has {bad} non-finite values (NaN or inf); clean or drop them")
+        check_array(key, a, str(path))
     for split in ("train", "val", "test"):
         if f"x_{split}" in arrays and len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise DataError(
