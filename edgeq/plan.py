@@ -9,8 +9,6 @@ from typing import Any
 
 from edgeq.errors import PlanError
 
-QUANTIZERS = ("uniform", "quantile", "lloyd_max")
-
 
 @dataclass(frozen=True)
 class LayerBits:
@@ -25,8 +23,10 @@ class LayerBits:
     pruned_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.quantizer not in QUANTIZERS:
-            raise PlanError(f"unknown quantizer {self.quantizer!r}; use one of {', '.join(QUANTIZERS)}")
+        from edgeq.quantizers import GRIDS  # the grid table (quantizers imports this module)
+
+        if self.quantizer not in GRIDS:
+            raise PlanError(f"unknown quantizer {self.quantizer!r}; use one of {', '.join(GRIDS)}")
         if not 0 <= int(self.bits) <= 32:
             raise PlanError(f"bits {self.bits} outside 0..32")
         object.__setattr__(self, "bits", int(self.bits))

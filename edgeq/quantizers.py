@@ -110,6 +110,13 @@ def lloyd_max(
     return _project(x, levels).reshape(shape), levels
 
 
+# The quantizer grids a LayerBits may name: "uniform" (a range, stored as the converter's symmetric grid in
+# QAT), and the level sets, each fitted by its function (x, bits) -> (quantized x, levels). A new grid is one
+# function and one entry here; edgeq.plan validates names against GRIDS.
+LEVEL_FITS = {"quantile": gaussian_quantile, "lloyd_max": lloyd_max}
+GRIDS = ("uniform", *LEVEL_FITS)
+
+
 def quantize(x: np.ndarray, layer_bits: LayerBits) -> np.ndarray:
     """x quantized as layer_bits says: uniform on its lo/hi, or projected onto its stored levels."""
     bits = _check_bits(layer_bits.bits)
@@ -124,8 +131,7 @@ def quantize(x: np.ndarray, layer_bits: LayerBits) -> np.ndarray:
             hi = float(p95) if hi is None else hi
         return _uniform_grid(x, bits, float(lo), float(hi))[0]
     if layer_bits.levels is None:
-        fit = gaussian_quantile if layer_bits.quantizer == "quantile" else lloyd_max
-        return fit(x, bits)[0]
+        return LEVEL_FITS[layer_bits.quantizer](x, bits)[0]
     levels = np.sort(np.asarray(layer_bits.levels, dtype=np.float64))
     if levels.size == 0 or levels.size > 2**bits or not np.all(np.isfinite(levels)):
         raise PlanError(
