@@ -70,10 +70,11 @@ def _options(args: argparse.Namespace):
         raise EdgeqError(f"--workers {args.workers} must be at least 1")
     if not args.out.strip():  # Path("") is ".": the current folder, which nobody means by an empty name
         raise EdgeqError("--out needs a folder name (e.g. --out out/); an empty one would mean this folder")
-    from deploy.search.executors import check_executor
+    from deploy.search.executors import make_executor
     from edgeq.distribute import check_distribute
 
-    check_executor(args.executor, args.ray_address)
+    # Built here, before any training: a missing Ray or a dead address is refused now, and probed once.
+    executor = make_executor(args.executor, workers=args.workers, address=args.ray_address)
     check_distribute(args.distribute)
     target = load_target(
         args.board, args.flash_budget, args.ram_budget, args.decode_budget, args.decompress_to, args.kernels
@@ -92,7 +93,7 @@ def _options(args: argparse.Namespace):
         target=target,
         force=args.force,
     )
-    return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods)
+    return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods), executor
 
 
 def _sweep_targets(text: str) -> tuple[float, ...]:
@@ -137,13 +138,12 @@ def _run(args: argparse.Namespace) -> int:
     from deploy.app import run
     from edgeq.distribute import strategy_for
 
-    opts, targets, methods = _options(args)
+    opts, targets, methods, executor = _options(args)
     strategy_for(args.distribute)  # collective ops must be set up before TensorFlow runs any op
     spec = _spec(args)
     progress = Progress(args.quiet, args.stderr)
     if opts.target.searching or args.max_accuracy_drop is not None:
         from deploy.search import sweep
-        from deploy.search.executors import make_executor
 
         rep = sweep(
             spec,
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
             methods=methods,
             max_accuracy_drop=args.max_accuracy_drop,
             workers=args.workers,
-            executor=make_executor(args.executor, workers=args.workers, address=args.ray_address),
+            executor=executor,
             on_stage=progress,
             floor=args.accuracy_floor,
         )

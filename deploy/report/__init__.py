@@ -150,16 +150,17 @@ def _weights_rows(storage) -> list[dict]:
 
 
 def _litert_section(ms) -> dict:
-    return {
-        m.runtime.split(":", 1)[1]: {
+    out = {}
+    for m in ms.litert:
+        agree = m.vs(ms.uncompressed)
+        out[m.runtime.split(":", 1)[1]] = {
             **{k: _r(v) for k, v in m.scores.items()},
-            "bit_exact_vs_tflm": m.vs(ms.uncompressed).bit_exact,
-            "rows_identical": _r(m.vs(ms.uncompressed).rows_identical),
-            "max_abs_diff": m.vs(ms.uncompressed).max_abs_diff,
+            "bit_exact_vs_tflm": agree.bit_exact,
+            "rows_identical": _r(agree.rows_identical),
+            "max_abs_diff": agree.max_abs_diff,
             "latency_us": _r(m.latency_us, 2),
         }
-        for m in ms.litert
-    }
+    return out
 
 
 def _deployed_section(f: RunFacts) -> dict:

@@ -144,9 +144,8 @@ def float_score(trained: Trained) -> float:
     return headline(keras_score(trained.float_model, s.x_test, s.y_test, s.task))
 
 
-def _choose(rows, finals, trained, spec, opts, max_drop) -> tuple[SearchRow, Candidate]:
-    """The winning row (marked chosen) and its candidate; BudgetError when none is within max_drop."""
-    base = float_score(trained)
+def _choose(rows, finals, trained, spec, opts, max_drop, base: float) -> tuple[SearchRow, Candidate]:
+    """The winning row (marked chosen) and its candidate; BudgetError when none is within max_drop of base."""
     best = pick([f for f, _ in finals], max_drop, base) or pick(rows, max_drop, base)
     if best is None:
         raise BudgetError(
@@ -193,9 +192,10 @@ def sweep(
         raise _nothing_fits(rows, opts.target)
     clock("qat", f"QAT fine-tuning of up to {FINALISTS} finalists ({spec.qat_epochs} epochs)")
     finals = _finalists(rows, trained, spec, opts, max_accuracy_drop)
-    best, cand = _choose(rows, finals, trained, spec, opts, max_accuracy_drop)
+    base = float_score(trained)
+    best, cand = _choose(rows, finals, trained, spec, opts, max_accuracy_drop, base)
     if max_accuracy_drop is None:  # the most accurate fitting model must still be within the floor
-        check_floor(best, rows + [f for f, _ in finals], float_score(trained), floor, opts.target)
+        check_floor(best, rows + [f for f, _ in finals], base, floor, opts.target)
     all_rows = _mark_chosen(rows + [f for f, _ in finals], best)
     why = _why(best, sum(r.fits for r in rows), opts.target, max_accuracy_drop)
     summary = SearchSummary(opts.target.describe(), why, tuple(all_rows))
