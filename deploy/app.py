@@ -33,13 +33,22 @@ from edgeq.training import Trained, build_float, fine_tune, train
 from edgeq.validate import check_splits
 
 OnStage = Callable[[str, str], None]
-STAGES = ("data", "float", "bayes", "allocate", "qat", "export", "measure", "write")
+# The byte planner: the least uncertainty cost within the flash of the uniform plan at the target bits
+# (benchmarks/results/planner_runs.md). The paper's methods stay a flag away (--method qiu|qinu|rb|bb).
+DEFAULT_METHOD = "planner"
+STAGES = ("data", "float", "bayes", "allocate", "qat", "export", "measure", "write", "device")
 # What a run may write at the top of --out (a search adds pareto.*): checked for foreign files up front.
 ARTIFACTS = tuple(
     """model_float.keras model_qat.keras bitplan.json model_int8.tflite model_uncompressed.tflite model.tflite
     model_data.h model_data.cc firmware test_data.npz report.json report.md report.html bits_per_layer.png
-    flash_bytes.png pareto.json pareto.png""".split()
+    flash_bytes.png pareto.json pareto.png device_report.json qemu""".split()
 )
+
+
+def stages_for(target: Target | None) -> tuple[str, ...]:
+    """The stages a run goes through: "device" only on a virtual board, which the run measures on."""
+    on_device = target is not None and target.board is not None and target.board.simulator is not None
+    return STAGES if on_device else tuple(s for s in STAGES if s != "device")
 
 
 def _silent(name: str, text: str) -> None:
@@ -100,13 +109,18 @@ def plan_key(method: str, plan: BitPlan) -> tuple:
 def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, str]:
     """Check every option before any work starts: (spec with the epoch cap, target bits, method)."""
     target = check_target_bits(opts.target_bits if opts.target_bits is not None else spec.target_bits)
-    method = check_method(opts.method or spec.method).name
+    method = check_method(opts.method or spec.method or DEFAULT_METHOD).name
     check_storage(opts.storage)
     check_spec(spec, opts.data)
     if opts.epochs is not None:
         if opts.epochs < 1:
             raise PlanError(f"--epochs {opts.epochs} must be at least 1")
         spec = spec.with_epochs(opts.epochs)
+    board = opts.target.board
+    if board is not None and board.simulator == "qemu":  # before training: the tools, the tree
+        from deploy.device.simulate import check_simulator
+
+        check_simulator(opts.target.kernels)
     prepare_out(Path(opts.out), ARTIFACTS, force=opts.force)
     return spec, target, method
 
@@ -136,7 +150,8 @@ def allocate_for(
         from deploy.planning import planner_allocator
 
         t = opts.target
-        planner = planner_allocator(t.decode_budget, t.model_ram, opts.keep_dense)
+        kernels = t.kernels if t.counts_code else None  # None: the decoder's code is not in the budget
+        planner = planner_allocator(t.decode_budget, t.model_ram, opts.keep_dense, kernels)
         return planner.allocate(trained, target_bits, spec, opts.seed)
     return allocate(method, trained, target_bits, spec, opts.seed)
 
@@ -172,7 +187,10 @@ def make_candidate(
     fine_tune(qat, trained.splits, spec, qat_epochs)
     on_stage("export", f"converting, slicing and storing the weights ({opts.storage})")
     s = trained.splits
-    options = ExportOptions(opts.storage, opts.target.decode_budget, opts.target.model_ram)
+    t = opts.target
+    options = ExportOptions(
+        opts.storage, t.decode_budget, t.model_ram, kernels=t.kernels, count_code=t.counts_code
+    )
     exported = export(qat, s.x_train, s.x_test, options)
     return Candidate(method, target_bits, plan, qat, exported, qat_epochs, allocate_s)
 
@@ -247,6 +265,7 @@ def write_artifacts(
         c_arrays=carrays,
         board=target.board,
         alt_decompression_bytes=measured.deployed.alt_decompression_bytes,
+        kernels=target.kernels,
     )
     return carrays
 
@@ -287,8 +306,15 @@ def deploy(
     clock("write", f"writing artifacts to {out}")
     with staging(out, force=opts.force) as stage:
         carrays = write_artifacts(stage, trained, cand, measured, spec.name, opts.target)
+        device = None
+        board = opts.target.board
+        if board is not None and board.simulator == "qemu":
+            clock("device", f"cross-compiling the firmware and running the test split on {board.name} (QEMU)")
+            from deploy.device.simulate import run_on_qemu
+
+            device = run_on_qemu(stage, opts.target.kernels)
         facts = report.RunFacts(
-            spec.name, opts.seed, spec.source, cand, trained, measured, opts.target, carrays
+            spec.name, opts.seed, spec.source, cand, trained, measured, opts.target, carrays, device
         )
         rep = report.build(facts, stage_seconds=clock.close(), search=search)
         report.write(stage, rep)

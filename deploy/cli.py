@@ -19,19 +19,21 @@ from edgeq.errors import EdgeqError
 class Progress:
     """Shows which stage is running (rich on a terminal, plain lines otherwise): the app's on_stage."""
 
-    def __init__(self, quiet: bool, stream=None):
+    def __init__(self, quiet: bool, stream=None, stages: tuple[str, ...] | None = None):
         self.quiet = quiet
         self.stream = stream
+        self.stages = stages  # the stages this run goes through (default: deploy.app.stages_for())
 
     def __call__(self, name: str, text: str) -> None:
         if self.quiet:
             return
         from rich.console import Console
 
-        from deploy.app import STAGES
+        from deploy.app import stages_for
 
+        stages = self.stages or stages_for(None)
         console = Console(file=self.stream) if self.stream is not None else Console(stderr=True)
-        console.print(f"[bold cyan][{STAGES.index(name) + 1}/{len(STAGES)}][/] {text}", highlight=False)
+        console.print(f"[bold cyan][{stages.index(name) + 1}/{len(stages)}][/] {text}", highlight=False)
 
 
 def _finite(value: float | None, flag: str, low: float | None = None) -> float | None:
@@ -141,7 +143,9 @@ def _run(args: argparse.Namespace) -> int:
     opts, targets, methods, executor = _options(args)
     strategy_for(args.distribute)  # collective ops must be set up before TensorFlow runs any op
     spec = _spec(args)
-    progress = Progress(args.quiet, args.stderr)
+    from deploy.app import stages_for
+
+    progress = Progress(args.quiet, args.stderr, stages_for(opts.target))
     if opts.target.searching or args.max_accuracy_drop is not None:
         from deploy.search import sweep
 
@@ -181,10 +185,13 @@ def drop_line(body: dict) -> str:
 def summary_line(body: dict, out: str) -> str:
     """The one line a run prints when it is done."""
     d, key = body["models"]["deployed"], "accuracy" if "accuracy" in body["models"]["float"] else "mae"
+    t = body.get("target", {})
+    on_device = "firmware on" in t.get("arena_measured_with", "")
+    arena = f"arena {t['arena_bytes']:,} B on {t['board']}" if on_device else f"arena {d['arena_bytes']:,} B"
     return (
         f"{' '.join(str(body['pipeline']).split())}: mean bits {body['plan']['mean_bits']:.3f}, "
         f"deployed {d['flash_bytes']:,} B flash "
-        f"({d['storage']}, int8 {body['models']['int8']['flash_bytes']:,} B), arena {d['arena_bytes']:,} B, "
+        f"({d['storage']}, int8 {body['models']['int8']['flash_bytes']:,} B), {arena}, "
         f"TFLM {key} {d[key + '_tflm']:.4f} (float {body['models']['float'][key]:.4f}) -> {out}"
     )
 
@@ -254,7 +261,7 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         "--method",
         choices=tuple(ALLOCATORS),
         default=None,
-        help="bit allocation (default: the pipeline's): "
+        help="bit allocation (default: the pipeline's, else planner): "
         + "; ".join(f"{a.name} = {a.label}" for a in ALLOCATORS.values()),
     )
     r.add_argument(
@@ -357,7 +364,10 @@ def _search_args(r: argparse.ArgumentParser) -> None:
         help="processes that export and measure a search's candidates in parallel (default 2; 1: none)",
     )
     r.add_argument(
-        "--sweep-methods", default="qiu,rb", help="comma-separated allocation methods a search tries (qiu,rb)"
+        "--sweep-methods",
+        default="planner,qiu,rb",
+        help="comma-separated allocation methods a search tries (planner,qiu,rb; the planner is screened "
+        "at the targets whose flash budgets sit just under the search's)",
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from deploy.export.slicing import DEFAULT_DECODE_BUDGET
 from deploy.storage.cost import (
-    DECODE_CODE_BYTES,
+    LayerShape,
     ModelShapes,
     Prediction,
     family_base,
@@ -72,7 +72,23 @@ def reference_shapes(
     """The byte model's reference: the float model as QAT builds it (every layer 8 bits), converted once.
 
     keep_dense: Dense as FULLY_CONNECTED (the run's default) or as 1x1 CONV_2D (--dense-as-conv).
+    Kept per (trained, settings) in this process: a search plans many targets of one twin.
     """
+    key = (id(trained), decode_budget, keep_dense)
+    hit = _SHAPES.get(key)
+    if hit is not None and hit[0] is trained:
+        return hit[1]
+    shapes = _reference_shapes(trained, decode_budget, keep_dense)
+    if len(_SHAPES) >= 4:
+        _SHAPES.pop(next(iter(_SHAPES)))
+    _SHAPES[key] = (trained, shapes)  # the Trained is kept too, so its id is not reused while cached
+    return shapes
+
+
+_SHAPES: dict[tuple, tuple[Trained, ModelShapes]] = {}
+
+
+def _reference_shapes(trained: Trained, decode_budget: int | None, keep_dense: bool) -> ModelShapes:
     from deploy.export.convert import convert
     from edgeq.optimize import quantize_model
 
@@ -163,13 +179,25 @@ def _fixed_distinct(trained: Trained, shapes: ModelShapes, names: Sequence[str])
     kernels = start_kernels(trained.float_model, trained.posteriors)
     out = {}
     for name in names:
-        kernel, _ = kernels[name]
         layer = shapes.layer(name)
+        if name not in kernels:  # a layer edgeq does not quantize: the converter keeps it int8, as stored
+            out[name] = _dense_distinct(layer)
+            continue
+        kernel, _ = kernels[name]
         axes = tuple(range(kernel.ndim - 1)) if layer.per_channel else None
         m = np.max(np.abs(kernel), axis=axes)
         scale = np.where(m > 0, m, 1.0) / 127
         out[name] = slice_distinct(layer, stored_layout(integers(kernel, scale, 8), layer.op))
     return out
+
+
+def _dense_distinct(layer: LayerShape) -> tuple[tuple[int, None], ...]:
+    """Per slice, as many distinct values per unit as an 8-bit grid allows (tables unique): how a layer the
+    converter quantizes itself (Conv1D, SeparableConv2D, a custom layer) is priced; LUT keeps it INT8."""
+    out = []
+    for sl in layer.slices:
+        out.append((min(255, max(1, sl.per_unit)), None))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -196,12 +224,14 @@ def plan_layers(
     ram_budget: int | None = None,
     decode_budget: int | None = DEFAULT_DECODE_BUDGET,
     keep_dense: bool = True,
+    decode_code: int = 0,
 ) -> Planned:
     """The least-uncertainty plan within the flash budget (default: the uniform plan's at target_bits)
     and, if given, TFLM's arena within ram_budget.
 
     shapes: the byte model's reference (reference_shapes; built here when None, from decode_budget and
-    keep_dense, which must be the export's).
+    keep_dense, which must be the export's). decode_code: the DECODE kernel's flash on the target
+    (deploy.firmware.code_size), charged to a plan that stores any layer as LUT, as the export does.
     """
     shapes = shapes or reference_shapes(trained, decode_budget, keep_dense)
     lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
@@ -220,7 +250,10 @@ def plan_layers(
 
     def exact(bits: Mapping[str, int], storage: str = "auto") -> Prediction:
         d = {**distinct, **{n: grids[n][b].distinct for n, b in bits.items()}}
-        return predict_storage(shapes, dict(bits), storage, d)
+        return predict_storage(shapes, dict(bits), storage, d, decode_code)
+
+    def code(p: Prediction) -> int:
+        return decode_code if p.storage == "lut" else 0
 
     def uniform_bits(b: int) -> dict[str, int]:
         return {n: pins.get(n, min(max(b, lo), hi)) for n in planned}
@@ -230,7 +263,8 @@ def plan_layers(
         fl, ce = math.floor(target_bits), math.ceil(target_bits)
         f_lo = exact(uniform_bits(fl))
         f_hi = f_lo if ce == fl else exact(uniform_bits(ce))
-        budget = int(math.floor(f_lo.flash + (target_bits - fl) * (f_hi.flash - f_lo.flash)))
+        lo_b, hi_b = f_lo.flash + code(f_lo), f_hi.flash + code(f_hi)
+        budget = int(math.floor(lo_b + (target_bits - fl) * (hi_b - lo_b)))
         uniform = f_lo if ce == fl else None
     else:
         budget = int(flash_budget)
@@ -252,8 +286,10 @@ def plan_layers(
                 opts.append(Option(name, b, label, g.grid, flash, ram, g.cost, sizes[name]))
                 slack = max(slack, flash)
             options[name] = opts
-        base = family_base(shapes, family) + sum(
-            store_flash(slice_stores(shapes.layer(n), 8, family, distinct[n])) for n in fixed
+        base = (
+            family_base(shapes, family)
+            + (decode_code if family == "lut" else 0)
+            + sum(store_flash(slice_stores(shapes.layer(n), 8, family, distinct[n])) for n in fixed)
         )
 
         def accept(plan: Plan, family: str = family) -> bool:
@@ -262,13 +298,14 @@ def plan_layers(
             if ex.storage != family:  # auto would store it the other way: that family's plan
                 return False
             other = exact(bits, "lut" if family == "int4" else "int4")
+            flash = ex.flash + code(ex)  # the budget is the firmware's: the decoder's code counts
             if bits == target_uniform:
-                return ex.flash <= budget and (ram_budget is None or ex.arena <= ram_budget)
+                return flash <= budget and (ram_budget is None or ex.arena <= ram_budget)
             if ram_budget is not None and ex.arena > ram_budget:  # the options' RAM is only an estimate
                 return False
             # lut bytes depend on the trained tables: keep a margin to the budget; the int4 ones are exact
             room = margin if family == "lut" else 0
-            return ex.flash <= budget - room and other.flash - ex.flash > margin
+            return flash <= budget - room and other.flash + code(other) - flash > margin
 
         try:
             # the options' sums overcount LUT tables shared across layers; accept() checks the exact file
@@ -284,7 +321,8 @@ def plan_layers(
         except PlanError:
             continue
         pred = exact(plan.bits)
-        if best is None or (plan.cost, pred.flash) < (best[0].cost, best[1].flash):
+        total = pred.flash + code(pred)
+        if best is None or (plan.cost, total) < (best[0].cost, best[1].flash + code(best[1])):
             best = (plan, pred, family)
     if best is None:
         raise PlanError(
@@ -304,7 +342,7 @@ def plan_layers(
         "flash_budget": budget,
         "uniform_flash": uniform.flash if uniform else None,
         "margin_bytes": margin,
-        "decode_code_bytes": DECODE_CODE_BYTES if pred.storage == "lut" else 0,
+        "decode_code_bytes": code(pred),
         "assumes": {
             "storage": "auto",
             "decode_budget": shapes.decode_budget,
@@ -316,11 +354,75 @@ def plan_layers(
     return Planned(plan.to_bitplan("planner", meta=meta), pred, budget, uniform)
 
 
+NEAR_BUDGET = (1.0, 0.99, 0.98, 0.96)  # fractions of a search's flash budget the planner is screened at
+
+
+def uniform_flash(
+    trained: Trained,
+    spec: PipelineSpec,
+    shapes: ModelShapes,
+    bits: Sequence[int],
+    decode_code: int = 0,
+) -> dict[int, int]:
+    """Bits -> the predicted flash of the uniform plan at those bits (auto storage, decoder code counted):
+    the figures plan_layers interpolates its budget between."""
+    pins = {n: int(b) for n, b in (spec.pin or {}).items()}
+    planned = [p.name for p in trained.posteriors]
+    grids = layer_grids(trained, shapes, sorted(set(bits) | set(pins.values())))
+    fixed = [n for n in shapes.names if n not in grids]
+    distinct = _fixed_distinct(trained, shapes, fixed)
+    out = {}
+    for b in bits:
+        plan = {n: pins.get(n, b) for n in planned}
+        d = {**distinct, **{n: grids[n][plan[n]].distinct for n in planned}}
+        pred = predict_storage(shapes, plan, "auto", d, decode_code)
+        out[b] = pred.flash + (decode_code if pred.storage == "lut" else 0)
+    return out
+
+
+def targets_for_budget(
+    trained: Trained,
+    spec: PipelineSpec,
+    flash_budget: int,
+    *,
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    keep_dense: bool = True,
+    decode_code: int = 0,
+    fractions: Sequence[float] = NEAR_BUDGET,
+) -> list[float]:
+    """Planner targets whose flash budgets are these fractions of flash_budget (highest target that stays
+    within each), so a search screens the planner's least-uncertainty plans just under its budget.
+
+    A fraction below the smallest uniform plan's flash gives no target.
+    """
+    shapes = reference_shapes(trained, decode_budget, keep_dense)
+    lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
+    flash = uniform_flash(trained, spec, shapes, range(lo, hi + 1), decode_code)
+    targets = []
+    for f in fractions:
+        budget = f * flash_budget
+        best = None
+        for b in range(lo, hi):
+            u0, u1 = flash[b], flash[b + 1]
+            if u0 <= budget:  # the budget reaches past b: as far along [b, b+1] as it reaches
+                step = 1.0 if u1 <= budget or u1 <= u0 else (budget - u0) / (u1 - u0)
+                best = b + step
+        if best is None and lo == hi and flash[lo] <= budget:
+            best = float(lo)
+        if best is not None:
+            targets.append(round(best, 4))
+    return sorted(set(targets))
+
+
 def planner_allocator(
-    decode_budget: int | None = DEFAULT_DECODE_BUDGET, ram_budget: int | None = None, keep_dense: bool = True
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    ram_budget: int | None = None,
+    keep_dense: bool = True,
+    kernels: str | None = "reference",
 ) -> Allocator:
-    """The planner as an Allocator for export settings other than the run's defaults (decode budget, Dense
-    as CONV_2D) or with an arena budget."""
+    """The planner as an Allocator for the run's export settings: decode budget, Dense form, arena budget
+    and the kernel set whose DECODE code a LUT plan pays (None: the budget is the model file's alone)."""
+    from deploy.firmware.code_size import decode_code_bytes
 
     def allocate(trained: Trained, target_bits: float, spec: PipelineSpec, seed: int) -> BitPlan:
         return plan_layers(
@@ -330,6 +432,7 @@ def planner_allocator(
             ram_budget=ram_budget,
             decode_budget=decode_budget,
             keep_dense=keep_dense,
+            decode_code=decode_code_bytes(kernels) if kernels else 0,
         ).plan
 
     return Allocator("planner", allocate, "uncertainty x bytes planner (int4/LUT)", "*")

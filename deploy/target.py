@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from deploy.boards import KERNEL_SETS, Board, BoardError, FitResult, fit_check, load_board, parse_size
+
+if TYPE_CHECKING:
+    from deploy.firmware.code_size import CodeSize
 
 DEFAULT_DECODE_BUDGET = 16 * 1024
 DECOMPRESS_TO = ("arena", "alt")
@@ -23,8 +27,9 @@ class Target:
 
     @property
     def model_flash(self) -> int | None:
-        """Flash the model may take: the board's less its firmware allowance, tightened by --flash-budget."""
-        limits = [b for b in (self.flash_budget, self.board and self.board.model_flash_budget) if b]
+        """Flash the model file may take: --flash-budget, or the board's firmware budget (an upper bound:
+        fits() also takes the runtime's and kernels' code off the board's)."""
+        limits = [b for b in (self.flash_budget, self.board and self.board.firmware_flash_budget) if b]
         return min(limits) if limits else None
 
     @property
@@ -35,26 +40,48 @@ class Target:
 
     @property
     def searching(self) -> bool:
-        """True when a budget asks for a search rather than one plan."""
-        return self.model_flash is not None or self.model_ram is not None
+        """True when a budget asks for a search rather than one plan.
 
-    def fits(self, flash: int, arena: int) -> bool:
-        """True when both figures are within the budgets."""
-        return (self.model_flash is None or flash <= self.model_flash) and (
-            self.model_ram is None or arena <= self.model_ram
-        )
+        A virtual board's memory is no budget: it is there to measure the firmware on, not to size it for.
+        """
+        if self.flash_budget is not None or self.ram_budget is not None:
+            return True
+        return self.board is not None and self.board.simulator is None
+
+    @property
+    def counts_code(self) -> bool:
+        """Whether flash here means the firmware's (model + kernels' code, as a board holds it) rather than
+        the model file's: every case but a --flash-budget without a board, which budgets the model alone."""
+        return self.board is not None or self.flash_budget is None
+
+    def code(self, model: bytes) -> CodeSize:
+        """The firmware code the model needs beside its bytes: TFLM's runtime and its operators' kernels
+        and decoders for this kernel set, as measured on a Cortex-M4 (deploy/firmware/code_size.json)."""
+        from deploy.firmware import describe
+        from deploy.firmware.code_size import firmware_code
+
+        return firmware_code(self.kernels, describe(model).ops)
+
+    def fits(self, flash: int, arena: int, code: int = 0) -> bool:
+        """True when the model's flash (plus code, against a board) and its arena are within the budgets."""
+        board_ok = self.board is None or flash + code <= self.board.firmware_flash_budget
+        flash_ok = self.flash_budget is None or flash <= self.flash_budget
+        return board_ok and flash_ok and (self.model_ram is None or arena <= self.model_ram)
 
     def describe(self) -> str:
-        """'flash <= N B, arena <= M B', or 'no budget'."""
+        """'model flash <= N B, firmware flash <= F B, arena <= M B', or 'no budget'."""
         parts = [
-            f"flash <= {self.model_flash:,} B" if self.model_flash is not None else "",
+            f"model flash <= {self.flash_budget:,} B" if self.flash_budget is not None else "",
+            f"firmware flash <= {self.board.firmware_flash_budget:,} B (model + {self.kernels} kernels)"
+            if self.board is not None
+            else "",
             f"arena <= {self.model_ram:,} B" if self.model_ram is not None else "",
         ]
         return ", ".join(p for p in parts if p) or "no budget"
 
-    def fit(self, flash: int, arena: int) -> FitResult | None:
+    def fit(self, flash: int, arena: int, code: int = 0) -> FitResult | None:
         """The board's fit check (margins and the message the report prints); None without a board."""
-        return fit_check(self.board, flash, arena) if self.board is not None else None
+        return fit_check(self.board, flash, arena, code) if self.board is not None else None
 
 
 def default_decode_budget(board: Board | None) -> int:

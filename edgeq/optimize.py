@@ -11,7 +11,7 @@ import tf_keras as keras
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before tf_keras loads)
 from edgeq.errors import ModelError, PlanError
 from edgeq.keras3 import to_tf_keras
-from edgeq.layers import QUANTIZABLE, weight_layers  # noqa: F401  (part of this module's API)
+from edgeq.layers import QUANTIZABLE, custom_layers, weight_layers  # noqa: F401  (part of this module's API)
 from edgeq.plan import BitPlan
 from edgeq.posterior import LayerPosterior
 from edgeq.quantize_config import BitsQuantizeConfig, custom_objects
@@ -316,7 +316,8 @@ def quantize_model(
 
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    with qk.quantize_scope(custom_objects()):
+    # quantize_apply rebuilds the model from its config: the user's own layer classes must be known by name.
+    with qk.quantize_scope({**custom_layers(model), **custom_objects()}):
         return qk.quantize_apply(annotated)
 
 

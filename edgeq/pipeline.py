@@ -43,7 +43,7 @@ class PipelineSpec:
     target_bits: float = 4.0
     min_bits: int = 2
     max_bits: int = 8
-    method: str = "qiu"
+    method: str | None = None  # None: the run's default (deploy.app.DEFAULT_METHOD, the byte planner)
     pin: dict[str, int] = field(default_factory=dict)
     pretrained: bool = False  # the model comes trained: the float stage only evaluates it
     from_logits: bool = True  # the model outputs logits (False: it ends in softmax/sigmoid)

@@ -53,12 +53,13 @@ def build_float(spec: PipelineSpec, splits: Splits, seed: int):
     import tensorflow as tf
     import tf_keras as keras
 
-    from edgeq.layers import weight_layers
+    from edgeq.layers import check_model, weight_layers
     from edgeq.pipeline import call_user
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     model = call_user(spec, "build_model", spec.build_model, splits.input_shape, splits.num_classes)
+    model = check_model(model, splits.input_shape)  # what the twin and QAT would refuse, refused now
     if not weight_layers(model):
         raise ModelError(
             f"model {model.name!r} has no layer edgeq can quantize (Conv2D, DepthwiseConv2D, Dense)"

@@ -24,6 +24,7 @@ EXPECTED = {
     "esp32s3": (8 * 1024**2, 512 * 1024, 240_000_000, "xtensa-lx7"),
     "rp2040": (2 * 1024**2, 264 * 1024, 133_000_000, "cortex-m0plus"),
     "generic-cortex-m4": (1024**2, 256 * 1024, 100_000_000, "cortex-m4"),
+    "mps2-an386": (4 * 1024**2, 4 * 1024**2, 25_000_000, "cortex-m4f"),
 }
 
 
@@ -36,15 +37,16 @@ def test_every_profile_loads_and_is_sane(name):
     b = load_board(name)
     assert isinstance(b, Board) and b.name == name
     assert (b.flash_bytes, b.ram_bytes, b.clock_hz, b.core) == EXPECTED[name]
-    assert 0 < b.firmware_allowance_bytes < b.flash_bytes and 0 < b.stack_allowance_bytes < b.ram_bytes
+    assert 0 <= b.app_allowance_bytes < b.flash_bytes and 0 < b.stack_allowance_bytes < b.ram_bytes
+    assert (b.simulator is None) == (b.app_allowance_bytes > 0)  # a virtual board runs only edgeq's ELF
     assert b.templates and set(b.templates) <= set(FLAVOURS)
-    assert b.flash_tool in FLASH_TOOLS and any("{image}" in a for a in b.flash_args)
+    assert b.flash_tool in FLASH_TOOLS and any("{image}" in a or "{build}" in a for a in b.flash_args)
 
 
 def test_nrf52840_budgets():
     b = load_board("NRF52840 ")
-    assert b.firmware_allowance_bytes == 100 * 1024 and b.stack_allowance_bytes == 16 * 1024
-    assert b.model_flash_budget == 1024**2 - 100 * 1024 and b.arena_budget == 240 * 1024
+    assert b.app_allowance_bytes == 32 * 1024 and b.stack_allowance_bytes == 16 * 1024
+    assert b.firmware_flash_budget == 1024**2 - 32 * 1024 and b.arena_budget == 240 * 1024
     assert "arduino" in b.templates and b.flash_tool == "pyocd"
 
 
@@ -86,7 +88,7 @@ def test_fit_check_fits_with_margins():
     b = load_board("nrf52840")
     r = fit_check(b, 300_112, 26_000)
     assert r.fits
-    assert r.flash_margin == b.model_flash_budget - 300_112 and r.ram_margin == b.arena_budget - 26_000
+    assert r.flash_margin == b.firmware_flash_budget - 300_112 and r.ram_margin == b.arena_budget - 26_000
     assert r.message.startswith("fits nrf52840") and "spare" in r.message
 
 
@@ -95,16 +97,26 @@ def test_fit_check_says_by_how_much_it_misses():
     b = load_board("nrf52832")
     r = fit_check(b, 300_112, 528_816)
     assert not r.fits
-    assert r.ram_margin == b.arena_budget - 528_816 < 0 and r.flash_margin == b.model_flash_budget - 300_112
+    assert r.ram_margin == b.arena_budget - 528_816 < 0
+    assert r.flash_margin == b.firmware_flash_budget - 300_112
     assert r.message.startswith("does not fit nrf52832")
     assert f"{-r.ram_margin:,} B short" in r.message
-    flash_only = fit_check(b, b.model_flash_budget + 1, 0)
+    flash_only = fit_check(b, b.firmware_flash_budget + 1, 0)
     assert not flash_only.fits and flash_only.flash_margin == -1 and "1 B short" in flash_only.message
 
 
 def test_fit_check_at_the_exact_limit_fits():
     b = load_board("rp2040")
-    assert fit_check(b, b.model_flash_budget, b.arena_budget).fits
+    assert fit_check(b, b.firmware_flash_budget, b.arena_budget).fits
+
+
+def test_fit_check_counts_the_kernels_code():
+    b = load_board("nrf52840")
+    spare = b.firmware_flash_budget - 300_112
+    with_code = fit_check(b, 300_112, 26_000, code_bytes=spare + 1)
+    assert not with_code.fits and with_code.flash_margin == -1
+    assert "300,112 B model + " in with_code.message and "1 B short" in with_code.message
+    assert fit_check(b, 300_112, 26_000, code_bytes=spare).fits
 
 
 def test_fit_check_rejects_negative_sizes():

@@ -10,6 +10,7 @@ import pytest
 from deploy.app import RunOptions, make_candidate, train_pipeline
 from deploy.export import ExportOptions, export
 from deploy.export.slicing import layer_name
+from deploy.firmware.code_size import decode_code_bytes
 from deploy.flatbuffer import (
     channel_axis,
     is_per_channel,
@@ -28,7 +29,6 @@ from deploy.planning import (
     stored_layers,
 )
 from deploy.storage.cost import (
-    DECODE_CODE_BYTES,
     byte_cost,
     predict,
     predict_storage,
@@ -91,7 +91,12 @@ def test_predictions_match_the_exported_files(digits, bits):
             n: [st.kind if st.kind != "lut" else f"lut{st.index_bits}" for st in sts]
             for n, sts in p.layers.items()
         }
-    assert predict_storage(shapes, bits, "auto", distinct).storage == ex.deployed.kind
+    # auto weighs the DECODE kernel's measured code against the bytes LUT saves, as the export does
+    decode = decode_code_bytes("reference")
+    assert predict_storage(shapes, bits, "auto", distinct, decode).storage == ex.deployed.kind
+    files = {v.kind: len(v.model) for v in ex.variants}
+    by_bytes = predict_storage(shapes, bits, "auto", distinct).storage
+    assert files[by_bytes] == min(files.values())  # without the code: the smaller file, as --flash-budget
     # under int4 storage 2 and 3 bits cost what 4 bits cost: packed INT4 is n/2 bytes whatever b
     assert predict(shapes, {n: 2 for n in bits}, "int4") == predict(shapes, {n: 4 for n in bits}, "int4")
 
@@ -105,7 +110,7 @@ def test_byte_cost_serves_the_planner(digits):
     # LUT: b-bit indices, but per channel a table and the scales again, and a DECODE operator
     assert conv2[("lut", 2)] < conv2[("lut", 3)] < conv2[("lut", 4)]
     assert conv2[("lut", 4)] > conv2[("int4", 4)]
-    assert set(STORAGE_BITS) == {"int8", "int4", "lut"} and DECODE_CODE_BYTES > 0
+    assert set(STORAGE_BITS) == {"int8", "int4", "lut"}
 
 
 def test_planner_grids_are_the_ones_qat_fixes(digits):
@@ -133,7 +138,10 @@ def test_planner_exports_what_it_planned_within_the_uniform_flash(digits, target
     assert check_exported(cand.plan, dep.model, shapes) == []
     assert abs(len(dep.model) - predicted["flash_bytes"]) <= max(64, FLASH_TOL * len(dep.model))
     assert abs(arena_bytes(dep.model) - predicted["arena_bytes"]) <= ARENA_TOL * arena_bytes(dep.model)
-    assert plan_layers(trained, target, spec, shapes=shapes).plan.bits == cand.plan.bits
+    # The run's planner charges a LUT plan the DECODE kernel's code (the reference kernels' here): at target
+    # 3 the 3-bit uniform plan is stored as INT4, whose bytes hold 4 bits as well, so it plans 4 bits.
+    decode = decode_code_bytes(opts.target.kernels)
+    assert plan_layers(trained, target, spec, shapes=shapes, decode_code=decode).plan.bits == cand.plan.bits
     # every layer holds its planned bits: at most 2**b - 1 values per channel (the converter stores <= 4-bit
     # layers on the INT4 grid, so a 3-bit channel holds 7 of -7..7, not -3..3)
     for t, _ in weight_inputs(read(cand.exported.uncompressed)):

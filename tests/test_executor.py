@@ -54,7 +54,7 @@ def local_ray():
 def test_ray_tasks_screen_like_the_local_pool(setup, local_ray, tmp_path):
     spec, trained = setup
     opts = RunOptions(out=tmp_path)
-    jobs = distinct_jobs(trained, spec, opts.seed, ("qiu", "rb"), TARGETS)
+    jobs = distinct_jobs(trained, spec, opts, ("qiu", "rb"), TARGETS)
     assert len(jobs) >= 6
     local = screen(jobs, trained, spec, opts, executor=LocalExecutor(2))
     seen: list[tuple[int, int]] = []

@@ -9,6 +9,7 @@ compile only the app.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,61 +50,80 @@ needs_trees = pytest.mark.skipif(
 )
 
 
+COMBOS = [(s, k) for s in ("int4", "lut") for k in ("reference", "cmsis-nn")]
+
+
 @pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory) -> dict[str, Path]:
-    """`edgeq run pipelines/digits.py --epochs 2` with INT4 and with LUT storage: storage -> output folder."""
+def board_runs(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """`edgeq run pipelines/digits.py --board mps2-an386 --kernels K --storage S`, each (S, K): the run
+    cross-compiles its own firmware and measures it under QEMU before it writes the report."""
     from deploy.cli import main
 
     runs = {}
-    for storage in ("int4", "lut"):
-        out = tmp_path_factory.mktemp(f"digits_{storage}")
+    for storage, kernels in COMBOS:
+        out = tmp_path_factory.mktemp(f"digits_{storage}_{kernels}")
         argv = ["run", str(ROOT / "pipelines" / "digits.py"), "--out", str(out), "--storage", storage]
-        assert main([*argv, "--epochs", "2", "--quiet"]) == 0
-        runs[storage] = out
+        argv += ["--board", "mps2-an386", "--kernels", kernels, "--epochs", "1", "--quiet"]
+        assert main(argv) == 0
+        runs[storage, kernels] = out
     return runs
 
 
 @needs_tools
 @needs_trees
-@pytest.mark.parametrize("kernels", ["reference", "cmsis-nn"])
-@pytest.mark.parametrize("storage", ["int4", "lut"])
-def test_firmware_under_qemu_is_bit_identical_to_host_tflm(digits_runs, storage, kernels):
-    from deploy.device.evaluate import evaluate_on_device
+@pytest.mark.parametrize(("storage", "kernels"), COMBOS)
+def test_the_report_is_the_device_s_arena_flash_and_outputs(board_runs, storage, kernels):
+    out = board_runs[storage, kernels]
+    rep = json.loads((out / "report.json").read_text())
+    dev = json.loads((out / "device_report.json").read_text())
+    target, fw = rep["target"], rep["target"]["firmware"]
+    assert target["board"] == "mps2-an386" and target["kernels"] == fw["kernels"] == kernels
+    assert rep["models"]["deployed"]["storage"] == storage
+    # Every test row through the firmware under QEMU, bit-identical to host TFLM.
+    assert dev["samples"] == dev["samples_counted"] == dev["bit_identical_rows"] == 270, dev
+    assert dev["device"] == dev["host_tflm"]
+    assert not dev["virtual_board"] and dev["cycles"]["median"] is None  # QEMU has no cycle counter
 
-    out = digits_runs[storage]
-    build = build_firmware(out, kernels, SHARED_TFLM)
-    assert build.tree == TREES[kernels].resolve() and build.kernels == kernels
-    assert build.elf == out / "qemu" / kernels / "firmware.elf" and build.elf.is_file()
-    model_len = (out / "model.tflite").stat().st_size
-    # The ELF holds the model (in .rodata), the interpreter and the kernels; RAM holds the arena.
-    assert build.flash_bytes == build.text_bytes + build.rodata_bytes + build.data_bytes
-    assert build.rodata_bytes > model_len and build.flash_bytes < 256 * 1024
-    assert build.ram_bytes == build.data_bytes + build.bss_bytes
-    assert build.library is not None and build.library.is_file() and build.library_objects > 20
-    if storage == "lut":  # DECODE and its LUT decoder are linked only where the model has DECODE
-        assert "kernels/decode.cc" in (build.library.parent / "manifest.json").read_text()
+    # The report's flash is the ELF's, read here again with arm-none-eabi-size.
+    elf = out / fw["elf"]
+    assert elf == out / "qemu" / kernels / "firmware.elf" and elf.is_file()
+    sizes = qemu._sizes(qemu.check_toolchain(), elf)
+    assert fw["flash_bytes"] == sizes["text"] + sizes["rodata"] + sizes["data"]
+    assert (
+        fw["flash_from"].startswith("the ELF") and fw["model_bytes"] == (out / "model.tflite").stat().st_size
+    )
+    assert sizes["rodata"] > fw["model_bytes"] and fw["flash_bytes"] < 256 * 1024
+    # The per-operator code table predicts it closely (deploy/firmware/code_size.json).
+    assert abs(fw["estimated_flash_bytes"] - fw["flash_bytes"]) <= 0.03 * fw["flash_bytes"], fw
+    assert ("TFLM_DECODE" in fw["operator_code_bytes"]) == (storage == "lut")
 
-    with QemuBoard(build, count_instructions=True, max_seconds=300) as board:
-        assert board.port and Path(board.port).exists()
-        assert " ready, arena " in board.boot_text  # MicroPrintf reaches the UART (debug-log callback)
-        rep = evaluate_on_device(board.port, out)
-        counts = board.instruction_counts()
-    assert rep["samples"] == 270 and rep["samples_counted"] == 270
-    assert rep["bit_identical_rows"] == 270, rep
-    assert rep["device"] == rep["host_tflm"]
-    assert not rep["virtual_board"] and rep["cycles"]["median"] is None  # QEMU says it has no cycle counter
-    assert rep["arena"]["device_bytes"] == board.info.arena_used > 0
-    assert f"arena {board.info.arena_used} of" in board.boot_text
-    if not board.insn_unavailable:
-        assert len(counts) == 270 and min(counts) > 10_000
+    # The report's arena is the device's: boot the ELF again and read the firmware's own line.
+    assert target["arena_bytes"] == dev["arena"]["device_bytes"] > 0
+    assert "mps2-an386" in target["arena_measured_with"] and kernels in target["arena_measured_with"]
+    with QemuBoard(elf, max_seconds=120) as board:
+        assert f" ready, arena {target['arena_bytes']} of" in board.boot_text
+        assert board.info.arena_used == target["arena_bytes"]
+    assert rep["board"]["fits"] and "model + " in rep["board"]["message"]
+    assert fw["instructions_per_inference"] > 10_000
+    md = (out / "report.md").read_text()
+    assert "## On-device evaluation" in md and "## Firmware on the target" in md
 
 
 @needs_tools
 @needs_trees
-def test_second_build_compiles_only_the_app(digits_runs):
-    build_firmware(digits_runs["int4"], "cmsis-nn", SHARED_TFLM)
-    again = build_firmware(digits_runs["int4"], "cmsis-nn", SHARED_TFLM)
-    assert again.compiled_library_objects == 0 and again.library_objects > 0
+def test_cmsis_nn_reads_int4_packed_so_nothing_is_sliced(board_runs):
+    ref, cmsis = (
+        json.loads((board_runs["int4", k] / "report.json").read_text()) for k in ("reference", "cmsis-nn")
+    )
+    # The reference kernels unpack each INT4 tensor into the arena; CMSIS-NN reads it packed.
+    assert "slicing" not in cmsis and cmsis["target"]["arena_bytes"] < ref["target"]["arena_bytes"]
+
+
+@needs_tools
+@needs_trees
+def test_second_build_compiles_only_the_app(board_runs):
+    again = build_firmware(board_runs["int4", "cmsis-nn"], "cmsis-nn", SHARED_TFLM)
+    assert again.compiled_library_objects == 0 and again.library_objects > 20
 
 
 def test_find_tree_says_what_is_missing(tmp_path):
@@ -223,3 +243,15 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_a_folder_without_firmware_is_refused(tmp_path):
     with pytest.raises(FirmwareBuildError, match="holds no firmware/main.cc"):
         build_firmware(tmp_path, "cmsis-nn", SHARED_TFLM)
+
+
+def test_a_virtual_board_without_its_tools_is_refused_before_training(tmp_path, monkeypatch, capfd):
+    from deploy.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no arm-none-eabi-gcc, no qemu-system-arm
+    out = tmp_path / "out"
+    argv = ["run", str(ROOT / "pipelines" / "digits.py"), "--out", str(out), "--board", "mps2-an386"]
+    assert main([*argv, "--quiet"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("edgeq: error: ") and "\n" not in err and "apt-get install" in err
+    assert not out.exists() or not any(out.iterdir())  # refused before any training or writing

@@ -115,9 +115,11 @@ def test_board_allowances_shrink_the_budget():
 
     board = load_board("nrf52832")
     b = Target(board=board)
-    assert b.model_flash == board.flash_bytes - board.firmware_allowance_bytes
+    assert b.model_flash == board.flash_bytes - board.app_allowance_bytes
     assert b.model_ram == board.ram_bytes - board.stack_allowance_bytes
     assert Target(board=board, flash_budget=1000).model_flash == 1000
+    # The board's flash holds the firmware: the model plus TFLM's runtime and its kernels' code.
+    assert b.fits(1000, 1000) and not b.fits(1000, 1000, code=b.model_flash)
 
 
 def test_a_model_below_the_accuracy_floor_is_refused_with_both_ends_named(setup, tmp_path):

@@ -13,6 +13,7 @@ from edgeq.errors import EdgeqError
 BOARDS_DIR = Path(__file__).resolve().parent
 KERNEL_SETS = ("reference", "cmsis-nn")
 FLOAT_ABIS = ("hard", "softfp", "soft")
+SIMULATORS = (None, "qemu")  # boards edgeq can run itself: the firmware under qemu-system-arm
 
 _UNITS = {
     "": 1,
@@ -43,7 +44,7 @@ class Board:
     clock_hz: int
     flash_bytes: int
     ram_bytes: int
-    firmware_allowance_bytes: int
+    app_allowance_bytes: int  # flash for the board's own code: bootloader, HAL, the user's application
     stack_allowance_bytes: int
     templates: tuple[str, ...]
     flash_tool: str
@@ -53,6 +54,7 @@ class Board:
     fpu: str = "none"  # -mfpu for the firmware build; "none": no FPU
     float_abi: str = "soft"  # -mfloat-abi
     kernels: str = "reference"  # the TFLM kernel set the firmware links (reference or cmsis-nn)
+    simulator: str | None = None  # "qemu": a virtual board; the run measures its firmware on it
 
     @property
     def has_fpu(self) -> bool:
@@ -69,9 +71,9 @@ class Board:
         return (f"-mcpu={cpu}", "-mthumb", *fpu, f"-mfloat-abi={self.float_abi}")
 
     @property
-    def model_flash_budget(self) -> int:
-        """Flash bytes left for the model after TFLM and the app."""
-        return self.flash_bytes - self.firmware_allowance_bytes
+    def firmware_flash_budget(self) -> int:
+        """Flash for edgeq's firmware (TFLM runtime, the model's kernels and decoders, the model)."""
+        return self.flash_bytes - self.app_allowance_bytes
 
     @property
     def arena_budget(self) -> int:
@@ -123,7 +125,7 @@ def _board_from(data: dict, source: Path) -> Board:
             clock_hz=int(data["clock_hz"]),
             flash_bytes=parse_size(data["flash"]),
             ram_bytes=parse_size(data["ram"]),
-            firmware_allowance_bytes=parse_size(data["firmware_allowance"]),
+            app_allowance_bytes=parse_size(data["app_allowance"]),
             stack_allowance_bytes=parse_size(data["stack_allowance"]),
             templates=tuple(str(t) for t in data["templates"]),
             flash_tool=str(data["flash_tool"]),
@@ -133,6 +135,7 @@ def _board_from(data: dict, source: Path) -> Board:
             fpu=str(data.get("fpu", "none")),
             float_abi=str(data.get("float_abi", "soft")),
             kernels=str(data.get("kernels", "reference")),
+            simulator=data.get("simulator"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BoardError(
@@ -141,6 +144,8 @@ def _board_from(data: dict, source: Path) -> Board:
     from deploy.firmware import FLAVOURS  # the firmware flavours edgeq can render
 
     bad = [t for t in board.templates if t not in FLAVOURS]
+    if board.simulator not in SIMULATORS:
+        raise BoardError(f"board profile {source}: simulator {board.simulator!r}; use qemu or leave it out")
     if board.kernels not in KERNEL_SETS or board.float_abi not in FLOAT_ABIS:
         raise BoardError(
             f"board profile {source}: kernels {board.kernels!r} / float_abi {board.float_abi!r}; "
@@ -148,7 +153,8 @@ def _board_from(data: dict, source: Path) -> Board:
         )
     from deploy.device.flash import FLASH_TOOLS  # the flashing tools edgeq can drive
 
-    if bad or board.flash_tool not in FLASH_TOOLS or board.model_flash_budget <= 0 or board.arena_budget <= 0:
+    budgets_ok = board.firmware_flash_budget > 0 and board.arena_budget > 0
+    if bad or board.flash_tool not in FLASH_TOOLS or not budgets_ok:
         raise BoardError(
             f"board profile {source} is inconsistent (templates {list(board.templates)}, tool "
             f"{board.flash_tool}, allowances larger than flash or RAM?)"
@@ -176,22 +182,25 @@ def _b(n: int) -> str:
     return f"{n:,} B"
 
 
-def fit_check(board: Board, flash_bytes: int, arena_bytes: int) -> FitResult:
-    """Does a model of flash_bytes with an arena of arena_bytes fit the board's budgets, and by how much."""
-    if flash_bytes < 0 or arena_bytes < 0:
-        raise BoardError(f"flash ({flash_bytes}) and arena ({arena_bytes}) bytes must be >= 0")
-    flash_margin = board.model_flash_budget - flash_bytes
+def fit_check(board: Board, flash_bytes: int, arena_bytes: int, code_bytes: int = 0) -> FitResult:
+    """Does a model of flash_bytes, with code_bytes of TFLM runtime and kernels beside it and an arena of
+    arena_bytes, fit the board's budgets, and by how much."""
+    if min(flash_bytes, arena_bytes, code_bytes) < 0:
+        raise BoardError(f"flash ({flash_bytes}), code ({code_bytes}) and arena ({arena_bytes}) must be >= 0")
+    flash_need = flash_bytes + code_bytes
+    flash_margin = board.firmware_flash_budget - flash_need
     ram_margin = board.arena_budget - arena_bytes
     fits = flash_margin >= 0 and ram_margin >= 0
+    flash_what = f"{_b(flash_bytes)} model + {_b(code_bytes)} code = {_b(flash_need)}" if code_bytes else ""
     parts = []
     for what, need, budget, margin, total, allowance in (
-        ("flash", flash_bytes, board.model_flash_budget, flash_margin, board.flash_bytes, "firmware"),
+        ("flash", flash_need, board.firmware_flash_budget, flash_margin, board.flash_bytes, "app"),
         ("RAM", arena_bytes, board.arena_budget, ram_margin, board.ram_bytes, "stack/heap"),
     ):
         state = f"{_b(margin)} spare" if margin >= 0 else f"{_b(-margin)} short"
+        shown = flash_what if what == "flash" and flash_what else _b(need)
         parts.append(
-            f"{what} {_b(need)} of {_b(budget)} available "
-            f"({_b(total)} less the {allowance} allowance): {state}"
+            f"{what} {shown} of {_b(budget)} available ({_b(total)} less the {allowance} allowance): {state}"
         )
     head = f"fits {board.name}" if fits else f"does not fit {board.name}"
     return FitResult(fits, flash_margin, ram_margin, f"{head}: " + "; ".join(parts))

@@ -19,6 +19,7 @@ FLASH_TOOLS = {
     "esptool": (".bin",),
     "picotool": (".uf2", ".elf"),
     "arduino-cli": (".hex", ".bin", ".uf2", ".elf"),
+    "edgeq": (".elf",),  # a virtual board: `edgeq virtual-board --qemu` boots the ELF under QEMU
 }
 # Where an RP2040 in BOOTSEL mode shows up as a USB drive (UF2 copy needs no picotool).
 UF2_VOLUMES = ("/media/*/RPI-RP2", "/run/media/*/RPI-RP2", "/media/RPI-RP2", "/Volumes/RPI-RP2")
@@ -67,7 +68,7 @@ def plan_flash(
     check_folder(build)  # a killed run's half-moved folder may pair one run's firmware with another's model
     img = Path(image) if image else find_image(build, board.flash_tool)
     missing = []
-    if img is None:
+    if img is None and any("{image}" in a for a in board.flash_args):
         missing.append(
             f"a firmware image ({', '.join(FLASH_TOOLS.get(board.flash_tool, ()))}) "
             f"under {build / 'firmware'}"

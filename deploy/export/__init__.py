@@ -13,7 +13,7 @@ import numpy as np
 
 from deploy.export.convert import ExportError, convert, convert_float
 from deploy.export.slicing import SliceResult, slice_weights
-from deploy.storage import AUTO, Storage, choose
+from deploy.storage import AUTO, STORAGES, Storage, choose, kinds_for
 
 __all__ = ["ExportError", "ExportOptions", "Exported", "convert", "convert_float", "export"]
 
@@ -25,6 +25,8 @@ class ExportOptions:
     storage: str = AUTO
     decode_budget: int | None = 16 * 1024  # bytes of decompressed weights per slice; None: no slicing
     arena_limit: int | None = None  # --storage auto weighs flash against this arena
+    kernels: str = "reference"  # the kernel set the firmware links: what it buffers, what code it costs
+    count_code: bool = True  # --storage auto counts the decoders' code (deploy/firmware/code_size.json)
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,27 @@ class Exported:
 
 
 def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOptions) -> Exported:
-    """Convert, slice under the decode budget, build and verify the storages, keep the best."""
+    """Convert; slice under the decode budget where the kernels buffer weights, store, keep the best."""
     uncompressed = convert(qat, x_calibrate)
-    sliced = slice_weights(uncompressed, options.decode_budget) if options.decode_budget else None
+    buffered = any(k.slices(options.kernels) for k in kinds_for(options.storage))
+    budget = options.decode_budget if buffered else None
+    sliced = slice_weights(uncompressed, budget) if budget else None
     deployed, variants = choose(
-        sliced.model if sliced else uncompressed,
+        uncompressed,
         options.storage,
         x_verify,
-        reference=uncompressed,
         arena_limit=options.arena_limit,
+        sliced=sliced.model if sliced else None,
+        kernels=options.kernels,
+        code_of=_code_of(options.kernels) if options.count_code else None,
     )
-    return Exported(uncompressed, deployed, variants, sliced)
+    used_slices = sliced is not None and STORAGES[deployed.kind].slices(options.kernels)
+    return Exported(uncompressed, deployed, variants, sliced if used_slices else None)
+
+
+def _code_of(kernels: str):
+    """The flash a stored model's operators and decoders take in the firmware, for kernels."""
+    from deploy.firmware import describe
+    from deploy.firmware.code_size import firmware_code
+
+    return lambda model: firmware_code(kernels, describe(model).ops).total

@@ -231,6 +231,7 @@ def render_firmware(
     c_arrays: CArrays,
     board: Any = None,
     alt_decompression_bytes: int = 0,
+    kernels: str = "reference",
 ) -> Path:
     """Render out_dir/firmware (CMake app, zephyr/, arduino/<name>/, README.md); returns its path.
 
@@ -264,8 +265,10 @@ def render_firmware(
     fit_message = ""
     if board is not None:
         from deploy.boards import fit_check
+        from deploy.firmware.code_size import firmware_code
 
-        fit_message = fit_check(board, len(model), arena_size + alt).message
+        code = firmware_code(kernels, ops).total  # TFLM's runtime and these operators' kernels
+        fit_message = fit_check(board, len(model), arena_size + alt, code).message
     flash_args = " ".join(getattr(board, "flash_args", ()) or ())
     flash_args = flash_args.replace("{image}", "<firmware image>").replace("{port}", "<serial port>")
     # INFER carries a 4-byte sequence number + the input, RESULT 8 bytes + the output.

@@ -64,6 +64,7 @@ class RunFacts:
     measured: Any  # deploy.app.Measured
     target: Any  # deploy.target.Target
     carrays: Any  # deploy.export.carrays.CArrays
+    device: Any = None  # deploy.device.simulate.DeviceRun, when the board is a virtual one the run measured
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def _plan_section(f: RunFacts) -> dict:
         "mean_bits": _r(plan.mean_bits(sizes)),
         "layers": layers,
         "unplanned": [{"name": n, "bits": 8, "reason": why} for n, why in unplanned.items()],
+        "uniform": len(set(plan.bits.values())) == 1,  # every planned layer at the same bits
         "allocation_seconds": _r(f.candidate.allocate_s, 4),
         **({"meta": _jsonable(plan.meta)} if plan.meta else {}),
     }
@@ -211,16 +213,57 @@ def _models_section(f: RunFacts) -> dict:
 
 def _target_section(f: RunFacts) -> dict:
     t = f.target
+    host = "host TFLM (pip tflite_micro), reference kernels, 64-bit host"
+    dev = f.device
     return {
         "board": t.board.name if t.board else None,
         "kernels": t.kernels,
-        # The host interpreter runs TFLM's reference kernels on a 64-bit host (see DESIGN.md).
-        "arena_measured_with": "host TFLM (pip tflite_micro), reference kernels, 64-bit host",
+        # The arena the board's kernel set needs: the device's when the run measured one, else the host's
+        # (a 64-bit host overstates a Cortex-M4's by 1-1.6 KB, more with CMSIS-NN's INT4: DESIGN.md).
+        "arena_bytes": dev.arena_bytes if dev else f.measured.deployed.arena_bytes,
+        "arena_measured_with": (
+            f"the firmware on {t.board.name} ({t.kernels} kernels, 32-bit): "
+            "MicroInterpreter::arena_used_bytes"
+            if dev
+            else host
+        ),
+        "firmware": _firmware_section(f),
         "flash_budget_bytes": t.model_flash,
         "ram_budget_bytes": t.model_ram,
         "decode_budget_bytes": t.decode_budget,
         "decompress_to": t.decompress_to,
     }
+
+
+def _firmware_section(f: RunFacts) -> dict:
+    """The firmware's flash: the ELF's when the run built one, else the model plus its measured code."""
+    model = f.candidate.exported.deployed.model
+    code = f.target.code(model)
+    out = {
+        "kernels": code.kernels,
+        "model_bytes": len(model),
+        "runtime_code_bytes": code.runtime,
+        "operator_code_bytes": dict(code.per_op),
+        "shared_code_bytes": code.shared,  # helpers two or more of the operators link (counted once)
+        "code_bytes": code.total,
+        "flash_bytes": len(model) + code.total,
+        "flash_from": "model + code measured per operator on a Cortex-M4 (deploy/firmware/code_size.json)",
+    }
+    if code.unknown:
+        out["unmeasured_operators"] = list(code.unknown)  # charged as the largest measured operator
+    dev = f.device
+    if dev is not None:
+        b = dev.build
+        out.update(
+            flash_bytes=b.flash_bytes,
+            flash_from=f"the ELF cross-compiled for {f.target.board.name} (.text + .rodata + .data)",
+            code_bytes=b.flash_bytes - len(model),
+            estimated_flash_bytes=len(model) + code.total,
+            ram_bytes=b.ram_bytes,
+            elf=f"qemu/{b.kernels}/{b.elf.name}",  # inside the output folder
+            instructions_per_inference=dev.instructions_median,
+        )
+    return out
 
 
 ACCURACY_TOLERANCE = 0.02  # TFLM may differ from the fake-quant Keras model by rounding, not by this much
@@ -278,9 +321,10 @@ def build(
             "decode_budget_bytes": sliced.budget,
             "layers": [dataclasses.asdict(r) for r in sliced.rows],
         }
-    body["warnings"] = divergence_warnings(body["models"])
-    dep = body["models"]["deployed"]
-    fit = f.target.fit(dep["flash_bytes"], dep["arena_bytes"])
+    body["warnings"] = divergence_warnings(body["models"]) + _device_warnings(f.device)
+    dep, tgt = body["models"]["deployed"], body["target"]
+    fw = tgt["firmware"]
+    fit = f.target.fit(dep["flash_bytes"], tgt["arena_bytes"], fw["code_bytes"])
     if fit is not None:
         body["board"] = {
             "name": f.target.board.name,
@@ -289,7 +333,19 @@ def build(
             "ram_margin_bytes": fit.ram_margin,
             "message": fit.message,
         }
-    return Report(body, search)
+    device = dict(f.device.evaluation) if f.device is not None else None
+    return Report(body, search, device)
+
+
+def _device_warnings(dev) -> list[str]:
+    """A line when the firmware on the virtual board disagrees with host TFLM on any test row."""
+    if dev is None or dev.evaluation["bit_identical_rows"] == dev.evaluation["samples"]:
+        return []
+    ev = dev.evaluation
+    return [
+        f"the firmware on the device agreed with host TFLM on only {ev['bit_identical_rows']} of "
+        f"{ev['samples']} test rows (max |diff| {ev['max_abs_diff']}); see device_report.json"
+    ]
 
 
 def write(folder: Path, rep: Report) -> None:

@@ -61,10 +61,21 @@ def _models(b: dict) -> str:
     ]
     t = b.get("target", {})
     note = (
-        f'<p class="note">Flash: model bytes (.tflite). Arena: {_e(t.get("arena_measured_with", ""))}; '
-        f"board kernel set: {_e(t.get('kernels', ''))}.</p>"
+        '<p class="note">Flash: model bytes (.tflite); the firmware\'s code is in the next section. '
+        f"Arena: host TFLM; the board's kernel set's ({_e(t.get('kernels', ''))}) is there too.</p>"
     )
     return "<h2>Models: flash and RAM</h2>" + _table(["model", key, "flash B", "arena B"], rows) + note
+
+
+def _firmware(b: dict) -> str:
+    from deploy.report.markdown import firmware_rows
+
+    t = b.get("target", {})
+    rows = [[a.replace("**", ""), v.replace("**", "")] for a, v in firmware_rows(t)]
+    if not rows:
+        return ""
+    head = f"<h2>Firmware on the target ({_e(t['firmware']['kernels'])} kernels, Cortex-M4 code)</h2>"
+    return head + _table(["what", "bytes"], rows)
 
 
 def _plan(b: dict) -> str:
@@ -149,6 +160,7 @@ def render(rep: Report, folder: Path) -> str:
         board,
         _models(b),
         _img(folder, "flash_bytes.png", "flash bytes"),
+        _firmware(b),
         _plan(b),
         _img(folder, "bits_per_layer.png", "bits per layer"),
         _storage(b),

@@ -43,9 +43,9 @@ def _notes(body) -> list[str]:
     m, key = body["models"], metric_key(body)
     d, t = m["deployed"], body.get("target", {})
     lines = [
-        f"- Flash bytes are model bytes (the .tflite the C array holds), without the firmware's code. "
-        f"Arena bytes: {t.get('arena_measured_with', 'host TFLM')}; the board's kernel set is "
-        f"{t.get('kernels', 'reference')}.",
+        f"- Flash bytes in this table are model bytes (the .tflite the C array holds); the firmware's code "
+        "is in the next section. Arena bytes here: host TFLM; the arena for the board's kernel set "
+        f"({t.get('kernels', 'reference')}) is in the firmware section.",
         f"- Packing limit (fixed width): {d['packing_limit_bytes']:,} B; entropy limit of the stored values: "
         f"{d.get('entropy_limit_bytes', 0):,} B; "
         f"deployed/limit = {d['ratio_to_packing_limit']:.3f}, "
@@ -79,9 +79,53 @@ def _notes(body) -> list[str]:
     return lines
 
 
+def firmware_rows(t: dict) -> list[tuple[str, str]]:
+    """(what, bytes) rows of the firmware on the target: model, runtime, each operator, total, arena."""
+    fw = t.get("firmware")
+    if not fw:
+        return []
+    rows = [("model (.tflite in the C array)", f"{fw['model_bytes']:,}")]
+    rows.append(("TFLM runtime (interpreter, allocator, app, protocol)", f"{fw['runtime_code_bytes']:,}"))
+    rows += [(f"{op} kernel", f"{n:,}") for op, n in fw["operator_code_bytes"].items()]
+    if fw.get("shared_code_bytes"):
+        rows.append(("helpers the kernels share", f"{fw['shared_code_bytes']:,}"))
+    rows.append((f"**firmware flash** ({fw['flash_from']})", f"**{fw['flash_bytes']:,}**"))
+    if "estimated_flash_bytes" in fw:
+        rows.append(("estimate: model + measured per-operator code", f"{fw['estimated_flash_bytes']:,}"))
+    rows.append((f"arena ({t['arena_measured_with']})", f"{t['arena_bytes']:,}"))
+    if fw.get("instructions_per_inference"):
+        n = fw["instructions_per_inference"]
+        rows.append(("instructions per inference (QEMU, not cycles)", f"{n:,}"))
+    return rows
+
+
+def _firmware(body) -> list[str]:
+    t = body.get("target", {})
+    rows = firmware_rows(t)
+    if not rows:
+        return []
+    fw = t["firmware"]
+    head = [
+        "",
+        f"## Firmware on the target ({fw['kernels']} kernels, Cortex-M4 code)",
+        "",
+        "| what | bytes |",
+        "|---|---|",
+    ]
+    unmeasured = fw.get("unmeasured_operators") or []
+    note = ["", f"Not measured, charged as the largest measured kernel: {', '.join(unmeasured)}."]
+    return head + [f"| {a} | {b} |" for a, b in rows] + (note if unmeasured else [])
+
+
 def _plan(body) -> list[str]:
     unplanned = body["plan"].get("unplanned", [])
     lines = [f"- Not in the plan: {u['name']} ({u['bits']} bits): {u['reason']}." for u in unplanned]
+    p = body["plan"]
+    if p.get("uniform") and p["method"] not in ("uniform",):
+        lines.append(
+            f"- {p['method']} returned the uniform plan ({p['layers'][0]['bits']} bits in every layer) at "
+            f"target {body['target_bits']:g}."
+        )
     lines += [
         "",
         "## Bit plan",
@@ -160,5 +204,6 @@ def render(rep: Report) -> str:
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in b["stage_seconds"].items()),
     ]
-    parts = head + _models(b) + _notes(b) + _plan(b) + _storage(b) + _search(rep) + _device(rep) + tail
+    parts = head + _models(b) + _notes(b) + _firmware(b) + _plan(b) + _storage(b)
+    parts += _search(rep) + _device(rep) + tail
     return "\n".join(parts) + "\n"

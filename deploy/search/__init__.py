@@ -13,6 +13,7 @@ from deploy.app import (
     Candidate,
     RunOptions,
     StageClock,
+    allocate_for,
     deploy,
     make_candidate,
     plan_key,
@@ -23,7 +24,7 @@ from deploy.measure import measure_tflm
 from deploy.report import Report, SearchRow, SearchSummary
 from deploy.search.executors import Executor
 from deploy.target import Target
-from edgeq.allocators import allocate, check_method
+from edgeq.allocators import check_method
 from edgeq.errors import EdgeqError
 from edgeq.pipeline import PipelineSpec
 from edgeq.scoring import headline, keras_score
@@ -42,7 +43,9 @@ class BudgetError(EdgeqError):
 def row_of(cand: Candidate, trained: Trained, target: Target, samples: int | None = None) -> SearchRow:
     """One candidate measured in TFLM on the first `samples` test images (all when None)."""
     s = trained.splits
-    m = measure_tflm(cand.exported.deployed.model, s.x_test[:samples], s.y_test[:samples], s.task)
+    model = cand.exported.deployed.model
+    m = measure_tflm(model, s.x_test[:samples], s.y_test[:samples], s.task)
+    code = target.code(model).total if target.board is not None else 0  # a board's flash holds the kernels
     return SearchRow(
         cand.method,
         cand.target_bits,
@@ -52,7 +55,7 @@ def row_of(cand: Candidate, trained: Trained, target: Target, samples: int | Non
         m.flash_bytes,
         m.arena_bytes,
         round(headline(m.scores), 4),
-        target.fits(m.flash_bytes, m.arena_bytes),
+        target.fits(m.flash_bytes, m.arena_bytes, code),
         cand.qat_epochs,
         len(s.x_test[:samples]),
     )
@@ -68,14 +71,39 @@ def pick(rows: list[SearchRow], max_drop: float | None, float_score: float) -> S
 
 
 def distinct_jobs(
-    trained: Trained, spec: PipelineSpec, seed: int, methods, targets
+    trained: Trained, spec: PipelineSpec, opts: RunOptions, methods, targets
 ) -> list[tuple[str, float]]:
-    """(method, target) pairs whose plans differ: the first target of each distinct plan."""
+    """(method, target) pairs whose plans differ: the first target of each distinct plan.
+
+    The planner is screened where the search needs it: at the targets whose flash budgets sit just under
+    the search's (deploy.planning.targets_for_budget), or at `targets` when there is no flash budget.
+    """
     jobs: dict[tuple, tuple[str, float]] = {}
     for method in methods:
-        for t in targets:
-            jobs.setdefault(plan_key(method, allocate(method, trained, t, spec, seed)), (method, t))
+        near = planner_targets(trained, spec, opts) if method == "planner" else []
+        for t in near or targets:
+            plan = allocate_for(method, trained, t, spec, opts)
+            jobs.setdefault(plan_key(method, plan), (method, t))
     return list(jobs.values())
+
+
+def planner_targets(trained: Trained, spec: PipelineSpec, opts: RunOptions) -> list[float]:
+    """The planner's targets near the search's model flash budget (the board's less the runtime's and the
+    operators' code); none without a flash budget."""
+    from deploy.firmware.code_size import decode_code_bytes, firmware_code
+    from deploy.planning import reference_shapes, targets_for_budget
+
+    t = opts.target
+    if t.model_flash is None:
+        return []
+    budget = t.model_flash
+    if t.board is not None:  # the board's flash also holds the runtime and every operator's kernel
+        shapes = reference_shapes(trained, t.decode_budget, opts.keep_dense)
+        code = firmware_code(t.kernels, sorted({op.kind for op in shapes.ops})).total
+        budget = min(budget, t.board.firmware_flash_budget - code)
+    decode = decode_code_bytes(t.kernels) if t.counts_code else 0
+    kw = {"decode_budget": t.decode_budget, "keep_dense": opts.keep_dense, "decode_code": decode}
+    return targets_for_budget(trained, spec, budget, **kw)
 
 
 def _nothing_fits(rows: list[SearchRow], target: Target) -> BudgetError:
@@ -162,7 +190,7 @@ def sweep(
     opts: RunOptions,
     *,
     targets=DEFAULT_TARGETS,
-    methods=("qiu", "rb"),
+    methods=("planner", "qiu", "rb"),
     max_accuracy_drop: float | None = None,
     trained: Trained | None = None,
     workers: int = 2,
@@ -186,7 +214,7 @@ def sweep(
     clock = StageClock(on_stage) if on_stage else StageClock()
     trained = trained or train_pipeline(spec, opts, clock)
     clock("allocate", f"sweeping {len(targets)} targets x {len(methods)} methods (calibrated, no QAT)")
-    jobs = distinct_jobs(trained, spec, opts.seed, methods, targets)
+    jobs = distinct_jobs(trained, spec, opts, methods, targets)
     rows = screen(jobs, trained, spec, opts, workers, executor)
     if not any(r.fits for r in rows):
         raise _nothing_fits(rows, opts.target)

@@ -48,6 +48,14 @@ def screen(
     """Every (method, target) job screened by the executor (a name: `workers` local processes or CPUs)."""
     jobs = list(jobs)
     ex = make_executor(executor, workers=workers) if isinstance(executor, str) else executor
+    from edgeq.layers import custom_layers
+
+    if custom_layers(trained.float_model):
+        # A worker process cannot import layer classes that live in the user's pipeline script: screen
+        # here, where they are defined (slower, but the same rows).
+        from deploy.search.executors import LocalExecutor
+
+        ex = LocalExecutor(workers=1)
     shared = shared_state(trained, spec, opts)
     # A job that runs in this process finds the live Trained and rebuilds nothing (workers=1).
     _WORKER.clear()
@@ -102,7 +110,8 @@ def _load_keras(data: bytes):
     with tempfile.TemporaryDirectory(prefix="edgeq-worker-") as tmp:
         path = Path(tmp) / "model.keras"
         path.write_bytes(data)
-        return keras.models.load_model(path, compile=False)
+        # safe_mode off: these bytes are this run's own models (a Lambda layer's code is the user's)
+        return keras.models.load_model(path, compile=False, safe_mode=False)
 
 
 def screen_job(shared: Mapping[str, Any], job: tuple[str, float]) -> SearchRow:

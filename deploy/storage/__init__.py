@@ -7,6 +7,8 @@ TFLM against the converted model before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from deploy.flatbuffer import strip_names
@@ -20,7 +22,17 @@ STORAGES: dict[str, StorageKind] = {
 }
 AUTO = "auto"
 
-__all__ = ["AUTO", "STORAGES", "Storage", "StorageError", "StorageKind", "choices", "choose", "registered"]
+__all__ = [
+    "AUTO",
+    "STORAGES",
+    "Storage",
+    "StorageError",
+    "StorageKind",
+    "choices",
+    "choose",
+    "kinds_for",
+    "registered",
+]
 
 
 def choices() -> tuple[str, ...]:
@@ -51,24 +63,37 @@ def verify_same_outputs(reference_raw: np.ndarray, candidate: bytes, x: np.ndarr
         )
 
 
+def kinds_for(storage: str) -> list[StorageKind]:
+    """The storage kinds a --storage value builds: the one named, or every kind in auto."""
+    if check_storage(storage) == AUTO:
+        return [k for k in STORAGES.values() if k.in_auto]
+    return [STORAGES[storage]]
+
+
 def choose(
     converted: bytes,
     storage: str,
     verify_x: np.ndarray,
     reference: bytes | None = None,
     arena_limit: int | None = None,
+    *,
+    sliced: bytes | None = None,
+    kernels: str = "reference",
+    code_of: Callable[[bytes], int] | None = None,
 ) -> tuple[Storage, tuple[Storage, ...]]:
     """Build the storage variants asked for, verify each against reference (default: converted).
 
-    The smallest flash wins; with arena_limit, the smallest flash among the variants whose TFLM arena
-    fits it (or the smallest arena when none does), since DECODE buffers cost RAM.
+    A kind that buffers its weights under `kernels` is built from `sliced` (when given), the others from
+    `converted`. The least flash wins, counting code_of(model) (the decoders' code) when given; with
+    arena_limit, the least among the variants whose TFLM arena fits it (or the smallest arena when none
+    does), since DECODE buffers cost RAM.
     """
-    auto = check_storage(storage) == AUTO
-    kinds = [k for k in STORAGES.values() if k.in_auto] if auto else [STORAGES[storage]]
+    kinds = kinds_for(storage)  # an unknown storage is refused before any work
     reference_raw = run_tflm(converted if reference is None else reference, verify_x)
     variants = []
     for kind in kinds:
-        built = kind.build(converted)
+        source = sliced if sliced is not None and kind.slices(kernels) else converted
+        built = kind.build(source)
         v = Storage(built.kind, strip_names(built.model), built.tensors)
         verify_same_outputs(reference_raw, v.model, verify_x, f"{v.kind} model")
         variants.append(v)
@@ -78,4 +103,5 @@ def choose(
         ranked = [v for v in variants if arenas[id(v)] <= arena_limit]
         if not ranked:
             return min(variants, key=lambda v: arenas[id(v)]), tuple(variants)
-    return min(ranked, key=lambda s: len(s.model)), tuple(variants)
+    cost = (lambda s: len(s.model) + code_of(s.model)) if code_of is not None else (lambda s: len(s.model))
+    return min(ranked, key=cost), tuple(variants)

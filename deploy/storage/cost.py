@@ -24,7 +24,8 @@ persistent arena. What a plan changes is then counted object by object:
   aligned; plus the reference's persistent tail and, per DECODE and per tensor it adds, their
   persistent structs.
 
-DECODE_CODE_BYTES is the device flash the DECODE kernel itself takes, which the .tflite does not hold.
+The DECODE kernel's own code (flash the .tflite does not hold) is measured per kernel set in
+deploy/firmware/code_size.json; predict_storage(decode_code=...) counts it where auto weighs LUT.
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-# ESTIMATE, to be replaced by the QEMU-build measurement (benchmarks/qemu_firmware.py): the Cortex-M code
-# of TFLM's DECODE kernel with the LUT decoder (kernels/decode.cc, decode_state_lut.cc) is about
-# 10-20 KB of flash; it is paid once per firmware that stores any layer as LUT, and is not in the .tflite.
-DECODE_CODE_BYTES = 16 * 1024
 
 # Flatbuffer objects, in bytes (measured on the stored files of digits, LeNet-5 and ResNet-8).
 BUFFER_ENTRY = 16  # a Buffer table, its offset in Model.buffers and the data vector's length word
@@ -471,10 +467,13 @@ def predict_storage(
     plan: Mapping[str, int] | object,
     storage: str = "auto",
     distinct: Distinct | None = None,
+    decode_code: int = 0,
 ) -> Prediction:
     """The stored file of a plan (layer -> bits, or a BitPlan) under a storage; auto: the smaller of int4/lut.
 
     distinct: per layer and slice (stride, tables key), e.g. from slice_distinct; default: full grids.
+    decode_code: the DECODE kernel's code, which auto adds to a file with LUT tensors when it weighs them
+    (as deploy.export does with the measured code); the predicted flash is the file's alone.
     """
     bits = dict(getattr(plan, "bits", plan))
     if storage not in EXPORT_STORAGES:
@@ -487,7 +486,8 @@ def predict_storage(
         lut_any = any(st.kind == "lut" for sts in stores.values() for st in sts)
         name = "int8" if kind == "lut" and not lut_any else kind
         preds.append(Prediction(name, flash, arena_of(shapes, stores), stores))
-    return min(preds, key=lambda p: p.flash)  # ties: int4, as deploy.storage.choose (first of the smallest)
+    # ties: int4, as deploy.storage.choose (first of the smallest)
+    return min(preds, key=lambda p: p.flash + (decode_code if p.storage == "lut" else 0))
 
 
 def predict(

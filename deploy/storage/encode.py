@@ -74,6 +74,29 @@ def _with_decode(model_bytes: bytes, results: dict[tuple[int, int], compressor.C
     return bytes(_apply_flatbuffer_alignment(model.build()))
 
 
+def drop_encoded_quantization(model_bytes: bytes) -> bytes:
+    """The model with every DECODE operator's encoded (UINT8) inputs stripped of quantization.
+
+    TFLM's decode_insert leaves each encoded tensor the scales and zero points its DECODE output carries:
+    12 bytes per channel that TFLM never reads, and on a depthwise filter a quantized dimension the 1-D
+    encoded tensor does not have (so the file fails verification). TFLM's compress() output needs this too.
+    """
+    from deploy.flatbuffer import DECODE_OP
+
+    model = model_editor.read(bytes(model_bytes))
+    changed = False
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if op.custom_code != DECODE_OP:
+                continue
+            for encoded in op.inputs[0::2]:  # (encoded, ancillary) pairs, one pair per decoded output
+                if encoded.dtype == TensorType.UINT8 and encoded._fb.quantization is not None:
+                    encoded.quantization = None
+                    encoded._fb.quantization = None
+                    changed = True
+    return bytes(_apply_flatbuffer_alignment(model.build())) if changed else bytes(model_bytes)
+
+
 def encode_model(
     model_bytes: bytes,
     plugin: compressor.Compressor,

@@ -12,5 +12,8 @@ def build(converted: bytes) -> Storage:
 
 
 KIND = StorageKind(
-    "int4", build, "packed 4-bit tensors (two per byte); the reference kernels unpack them into the arena"
+    "int4",
+    build,
+    "packed 4-bit tensors (two per byte); the reference kernels unpack them into the arena",
+    buffers_on=("reference",),  # CMSIS-NN's INT4 conv and fully-connected kernels read them packed
 )

@@ -12,4 +12,6 @@ def build(converted: bytes) -> Storage:
     return Storage("int8", plain, weight_tensors(plain))
 
 
-KIND = StorageKind("int8", build, "one byte per weight, no decoder, no unpack buffer", in_auto=False)
+KIND = StorageKind(
+    "int8", build, "one byte per weight, no decoder, no unpack buffer", in_auto=False, buffers_on=()
+)

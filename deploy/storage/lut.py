@@ -50,7 +50,9 @@ def build(converted: bytes, max_bits: int = MAX_LUT_BITS) -> Storage:
             compressed = bytes(compress(plain, specs))
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"TFLM LUT compression failed: {e}") from e
-    return Storage("lut", compressed, tuple(chosen))
+    from deploy.storage.encode import drop_encoded_quantization
+
+    return Storage("lut", drop_encoded_quantization(compressed), tuple(chosen))
 
 
 KIND = StorageKind(
