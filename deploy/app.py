@@ -150,8 +150,7 @@ def allocate_for(
         from deploy.planning import planner_allocator
 
         t = opts.target
-        kernels = t.kernels if t.counts_code else None  # None: the decoder's code is not in the budget
-        planner = planner_allocator(t.decode_budget, t.model_ram, opts.keep_dense, kernels)
+        planner = planner_allocator(t.decode_budget, t.model_ram, opts.keep_dense, t.kernels, t.counts_code)
         return planner.allocate(trained, target_bits, spec, opts.seed)
     return allocate(method, trained, target_bits, spec, opts.seed)
 

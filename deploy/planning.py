@@ -20,6 +20,7 @@ QAT from the float weights, Dense as FULLY_CONNECTED; planner_allocator(...) mak
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,6 +215,53 @@ def _margin(budget: int) -> int:
     return max(MARGIN_BYTES, math.ceil(MARGIN_FRACTION * budget))
 
 
+def family_shapes(
+    trained: Trained,
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    keep_dense: bool = True,
+    kernels: str = "reference",
+    shapes: ModelShapes | None = None,
+) -> dict[str, ModelShapes]:
+    """The byte model's reference per storage family, as the export stores it for the kernel set: LUT is
+    sliced under the decode budget for both; INT4 only where the kernels unpack it (reference), so under
+    CMSIS-NN the INT4 family is priced unsliced and with no unpack scratch in the arena."""
+    sliced = shapes or reference_shapes(trained, decode_budget, keep_dense)
+    if kernels != "cmsis-nn":
+        return {"int4": sliced, "lut": sliced}
+    packed = dataclasses.replace(reference_shapes(trained, None, keep_dense), int4_scratch=False)
+    return {"int4": packed, "lut": sliced}
+
+
+@dataclass(frozen=True)
+class _Pricing:
+    """A plan's exact file and arena per storage family, the way auto would store it (decoder code counted
+    when it weighs LUT against INT4)."""
+
+    shapes: Mapping[str, ModelShapes]
+    grids: Mapping[str, Mapping[str, Mapping[int, LayerGrid]]]
+    fixed: Mapping[str, Mapping[str, Sequence]]
+    decode_code: int
+
+    def exact(self, bits: Mapping[str, int], storage: str = "auto") -> Prediction:
+        kinds = FAMILIES if storage == "auto" else (storage,)
+        preds = []
+        for k in kinds:
+            d = {**self.fixed[k], **{n: self.grids[k][n][b].distinct for n, b in bits.items()}}
+            preds.append(predict_storage(self.shapes[k], dict(bits), k, d))
+        return min(preds, key=lambda p: p.flash + self.code(p))  # ties: int4, as the export
+
+    def code(self, p: Prediction) -> int:
+        return self.decode_code if p.storage == "lut" else 0
+
+
+def _pricing(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
+    grids, fixed = {}, {}
+    for k, sh in shapes.items():
+        grids[k] = layer_grids(trained, sh, bits)
+        fixed[k] = _fixed_distinct(trained, sh, [n for n in sh.names if n not in grids[k]])
+    return _Pricing(shapes, grids, fixed, code)
+
+
 def plan_layers(
     trained: Trained,
     target_bits: float,
@@ -225,6 +273,7 @@ def plan_layers(
     decode_budget: int | None = DEFAULT_DECODE_BUDGET,
     keep_dense: bool = True,
     decode_code: int = 0,
+    kernels: str = "reference",
 ) -> Planned:
     """The least-uncertainty plan within the flash budget (default: the uniform plan's at target_bits)
     and, if given, TFLM's arena within ram_budget.
@@ -232,8 +281,10 @@ def plan_layers(
     shapes: the byte model's reference (reference_shapes; built here when None, from decode_budget and
     keep_dense, which must be the export's). decode_code: the DECODE kernel's flash on the target
     (deploy.firmware.code_size), charged to a plan that stores any layer as LUT, as the export does.
+    kernels: the target's kernel set (family_shapes: what is sliced, whether INT4 needs arena scratch).
     """
-    shapes = shapes or reference_shapes(trained, decode_budget, keep_dense)
+    by_family = family_shapes(trained, decode_budget, keep_dense, kernels, shapes)
+    shapes = by_family["lut"]
     lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
     if lo > hi:
         raise PlanError(f"min_bits {spec.min_bits} > max_bits {spec.max_bits}: no bit width to plan")
@@ -243,17 +294,10 @@ def plan_layers(
         raise PlanError(f"pinned bits {bad}: quantization-aware training takes 2..8 bits")
     planned = [p.name for p in trained.posteriors]
     allowed = {n: [pins[n]] if n in pins else list(range(lo, hi + 1)) for n in planned}
-    grids = layer_grids(trained, shapes, sorted({b for bs in allowed.values() for b in bs}))
-    fixed = [n for n in shapes.names if n not in grids]  # no posterior (depthwise): QAT keeps 8 bits
-    distinct: dict[str, Sequence] = _fixed_distinct(trained, shapes, fixed)
+    pricing = _pricing(trained, by_family, sorted({b for bs in allowed.values() for b in bs}), decode_code)
+    exact, code = pricing.exact, pricing.code
+    fixed = list(pricing.fixed["lut"])  # no posterior (depthwise): QAT keeps 8 bits
     sizes = {p.name: p.size for p in trained.posteriors}
-
-    def exact(bits: Mapping[str, int], storage: str = "auto") -> Prediction:
-        d = {**distinct, **{n: grids[n][b].distinct for n, b in bits.items()}}
-        return predict_storage(shapes, dict(bits), storage, d, decode_code)
-
-    def code(p: Prediction) -> int:
-        return decode_code if p.storage == "lut" else 0
 
     def uniform_bits(b: int) -> dict[str, int]:
         return {n: pins.get(n, min(max(b, lo), hi)) for n in planned}
@@ -273,23 +317,24 @@ def plan_layers(
 
     best: tuple[Plan, Prediction, str] | None = None
     for family in FAMILIES:
+        fshapes, grids, distinct = by_family[family], pricing.grids[family], pricing.fixed[family]
         options, slack = {}, 0
         for name in planned:
-            layer = shapes.layer(name)
+            layer = fshapes.layer(name)
             opts = []
             for b in allowed[name]:
                 g = grids[name][b]
                 stores = slice_stores(layer, b, family, g.distinct)
                 kinds = sorted({st.kind for st in stores})
                 label = "lut" if "lut" in kinds else kinds[0]
-                flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
+                flash, ram = store_flash(stores), layer_ram(fshapes, layer, stores)
                 opts.append(Option(name, b, label, g.grid, flash, ram, g.cost, sizes[name]))
                 slack = max(slack, flash)
             options[name] = opts
         base = (
-            family_base(shapes, family)
+            family_base(fshapes, family)
             + (decode_code if family == "lut" else 0)
-            + sum(store_flash(slice_stores(shapes.layer(n), 8, family, distinct[n])) for n in fixed)
+            + sum(store_flash(slice_stores(fshapes.layer(n), 8, family, distinct[n])) for n in fixed)
         )
 
         def accept(plan: Plan, family: str = family) -> bool:
@@ -313,8 +358,8 @@ def plan_layers(
                 options,
                 target_bits,
                 flash_base=base,
-                ram_base=shapes.tail,
-                ram_floor=ram_floor(shapes),
+                ram_base=fshapes.tail,
+                ram_floor=ram_floor(fshapes),
                 flash_budget=budget + (slack if family == "lut" else 0),
                 accept=accept,
             )
@@ -345,6 +390,7 @@ def plan_layers(
         "decode_code_bytes": code(pred),
         "assumes": {
             "storage": "auto",
+            "kernels": kernels,
             "decode_budget": shapes.decode_budget,
             "qat_start": "float",
             "weight_ops": sorted({layer.op for layer in shapes.layers}),
@@ -360,23 +406,19 @@ NEAR_BUDGET = (1.0, 0.99, 0.98, 0.96)  # fractions of a search's flash budget th
 def uniform_flash(
     trained: Trained,
     spec: PipelineSpec,
-    shapes: ModelShapes,
+    shapes: Mapping[str, ModelShapes],
     bits: Sequence[int],
     decode_code: int = 0,
 ) -> dict[int, int]:
-    """Bits -> the predicted flash of the uniform plan at those bits (auto storage, decoder code counted):
-    the figures plan_layers interpolates its budget between."""
+    """Bits -> the predicted flash of the uniform plan at those bits (auto storage, decoder code counted;
+    shapes per family, see family_shapes): the figures plan_layers interpolates its budget between."""
     pins = {n: int(b) for n, b in (spec.pin or {}).items()}
     planned = [p.name for p in trained.posteriors]
-    grids = layer_grids(trained, shapes, sorted(set(bits) | set(pins.values())))
-    fixed = [n for n in shapes.names if n not in grids]
-    distinct = _fixed_distinct(trained, shapes, fixed)
+    pricing = _pricing(trained, shapes, sorted(set(bits) | set(pins.values())), decode_code)
     out = {}
     for b in bits:
-        plan = {n: pins.get(n, b) for n in planned}
-        d = {**distinct, **{n: grids[n][plan[n]].distinct for n in planned}}
-        pred = predict_storage(shapes, plan, "auto", d, decode_code)
-        out[b] = pred.flash + (decode_code if pred.storage == "lut" else 0)
+        pred = pricing.exact({n: pins.get(n, b) for n in planned})
+        out[b] = pred.flash + pricing.code(pred)
     return out
 
 
@@ -389,13 +431,14 @@ def targets_for_budget(
     keep_dense: bool = True,
     decode_code: int = 0,
     fractions: Sequence[float] = NEAR_BUDGET,
+    kernels: str = "reference",
 ) -> list[float]:
     """Planner targets whose flash budgets are these fractions of flash_budget (highest target that stays
     within each), so a search screens the planner's least-uncertainty plans just under its budget.
 
     A fraction below the smallest uniform plan's flash gives no target.
     """
-    shapes = reference_shapes(trained, decode_budget, keep_dense)
+    shapes = family_shapes(trained, decode_budget, keep_dense, kernels)
     lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
     flash = uniform_flash(trained, spec, shapes, range(lo, hi + 1), decode_code)
     targets = []
@@ -418,10 +461,12 @@ def planner_allocator(
     decode_budget: int | None = DEFAULT_DECODE_BUDGET,
     ram_budget: int | None = None,
     keep_dense: bool = True,
-    kernels: str | None = "reference",
+    kernels: str = "reference",
+    count_code: bool = True,
 ) -> Allocator:
-    """The planner as an Allocator for the run's export settings: decode budget, Dense form, arena budget
-    and the kernel set whose DECODE code a LUT plan pays (None: the budget is the model file's alone)."""
+    """The planner as an Allocator for the run's export settings: decode budget, Dense form, arena budget,
+    the kernel set (what is sliced and buffered, whose DECODE code a LUT plan pays) and whether the budget
+    counts that code (False: a model-file budget)."""
     from deploy.firmware.code_size import decode_code_bytes
 
     def allocate(trained: Trained, target_bits: float, spec: PipelineSpec, seed: int) -> BitPlan:
@@ -432,7 +477,8 @@ def planner_allocator(
             ram_budget=ram_budget,
             decode_budget=decode_budget,
             keep_dense=keep_dense,
-            decode_code=decode_code_bytes(kernels) if kernels else 0,
+            decode_code=decode_code_bytes(kernels) if count_code else 0,
+            kernels=kernels,
         ).plan
 
     return Allocator("planner", allocate, "uncertainty x bytes planner (int4/LUT)", "*")

@@ -70,6 +70,24 @@ def tiny_tflite(tiny_keras, digits) -> bytes:
     return bytes(conv.convert())
 
 
+@pytest.fixture(scope="session")
+def tiny_lut_tflite(tiny_tflite) -> bytes:
+    """The tiny model with its first Dense kernel coarsened to 8 values, LUT-compressed by TFLM (DECODE)."""
+    import numpy as np
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor as me
+    from tflite_micro.tensorflow.lite.micro.compression import spec, spec_builder
+    from tflite_micro.tensorflow.lite.micro.compression.compress import compress
+
+    bits = 3
+    model = me.read(tiny_tflite)
+    w = next(op for op in model.subgraphs[0].operators if op.opcode_name == "FULLY_CONNECTED").inputs[1]
+    step = 256 // 2**bits
+    w.array = (w.array.astype(np.int16) // step * step).astype(np.int8)
+    sb = spec_builder.SpecBuilder()
+    sb.add_tensor(0, w.index).with_lut(bits, spec.PerChannel(0))
+    return bytes(compress(bytes(model.build()), sb.build()))
+
+
 @pytest.fixture
 def tiny_build(tmp_path, tiny_tflite, digits):
     """A build folder as `edgeq run` leaves it, reduced to model.tflite and test_data.npz (100 digits)."""

@@ -140,31 +140,17 @@ def test_an_unreadable_table_is_an_error(tmp_path):
         code_size._table(tmp_path / "missing.json")
 
 
-def _lut_model(model_bytes: bytes, bits: int = 3) -> bytes:
-    """The model with its first Dense kernel coarsened to 2**bits values, LUT-compressed by TFLM."""
-    import numpy as np
-    from tflite_micro.tensorflow.lite.micro.compression import model_editor as me
-    from tflite_micro.tensorflow.lite.micro.compression import spec, spec_builder
-    from tflite_micro.tensorflow.lite.micro.compression.compress import compress
-
-    model = me.read(model_bytes)
-    w = next(op for op in model.subgraphs[0].operators if op.opcode_name == "FULLY_CONNECTED").inputs[1]
-    step = 256 // 2**bits
-    w.array = (w.array.astype(np.int16) // step * step).astype(np.int8)
-    sb = spec_builder.SpecBuilder()
-    sb.add_tensor(0, w.index).with_lut(bits, spec.PerChannel(0))
-    return bytes(compress(bytes(model.build()), sb.build()))
 
 
 @pytest.fixture(scope="module")
-def tiny_firmware(tiny_tflite, tmp_path_factory) -> dict[str, Path]:
+def tiny_firmware(tiny_tflite, tiny_lut_tflite, tmp_path_factory) -> dict[str, Path]:
     """The tiny digits model's firmware, int8 and LUT-compressed (DECODE), rendered as `edgeq run` does."""
     from deploy.export.carrays import write_c_arrays
     from deploy.firmware import render_firmware
     from deploy.measure.tflm import arena_bytes, io_quant, tflm_interpreter
 
     out = {}
-    for name, model in (("int8", tiny_tflite), ("lut", _lut_model(tiny_tflite))):
+    for name, model in (("int8", tiny_tflite), ("lut", tiny_lut_tflite)):
         d = tmp_path_factory.mktemp(f"code_size_{name}")
         (d / "model.tflite").write_bytes(model)
         render_firmware(

@@ -167,3 +167,22 @@ def test_plan_for_target_takes_a_budget_and_a_test():
         options, 4, flash_budget=150, accept=lambda p: asked.append(p.bits) or p.flash <= 100
     )
     assert plan.bits == {"a": 4, "b": 4} and asked[0] == {"a": 8, "b": 4}
+
+
+def test_the_planner_prices_the_cmsis_nn_target_as_the_export_stores_it(digits):
+    # CMSIS-NN reads INT4 packed: the export leaves INT4 weights unsliced and the arena needs no unpack
+    # scratch; the planner's INT4 family is priced the same way (its arena is the host-calibrated figure
+    # less that scratch: the device's own is measured under QEMU, tests/test_qemu_firmware.py).
+    from dataclasses import replace
+
+    from deploy.target import Target
+
+    spec, opts, trained, _ = digits
+    cmsis = replace(opts, target=Target(kernels="cmsis-nn"))
+    cand = make_candidate(trained, spec, cmsis, "planner", 4.0, 1)
+    ref = make_candidate(trained, spec, opts, "planner", 4.0, 1)
+    assert cand.exported.sliced is None and ref.exported.sliced is not None
+    predicted = cand.plan.meta["predicted"]
+    assert cand.plan.meta["assumes"]["kernels"] == "cmsis-nn"
+    assert abs(len(cand.exported.deployed.model) - predicted["flash_bytes"]) <= 64
+    assert predicted["arena_bytes"] < ref.plan.meta["predicted"]["arena_bytes"] / 2

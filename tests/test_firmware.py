@@ -37,19 +37,6 @@ def _run(cmd, cwd, ok=True, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def _lut_model(model_bytes: bytes, bits: int = 3) -> bytes:
-    """The model with its first Dense kernel coarsened to 2**bits values, LUT-compressed by TFLM."""
-    from tflite_micro.tensorflow.lite.micro.compression import model_editor as me
-    from tflite_micro.tensorflow.lite.micro.compression import spec, spec_builder
-    from tflite_micro.tensorflow.lite.micro.compression.compress import compress
-
-    model = me.read(model_bytes)
-    w = next(op for op in model.subgraphs[0].operators if op.opcode_name == "FULLY_CONNECTED").inputs[1]
-    step = 256 // 2**bits
-    w.array = (w.array.astype(np.int16) // step * step).astype(np.int8)
-    sb = spec_builder.SpecBuilder()
-    sb.add_tensor(0, w.index).with_lut(bits, spec.PerChannel(0))
-    return bytes(compress(bytes(model.build()), sb.build()))
 
 
 def _render(model: bytes, out: Path, name: str, board=None) -> Path:
@@ -71,8 +58,8 @@ def project(tiny_tflite, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lut_project(tiny_tflite, tmp_path_factory) -> tuple[Path, bytes]:
-    model = _lut_model(tiny_tflite)
+def lut_project(tiny_lut_tflite, tmp_path_factory) -> tuple[Path, bytes]:
+    model = tiny_lut_tflite
     return _render(model, tmp_path_factory.mktemp("fwlut"), "my-model 2.0!"), model
 
 
@@ -147,12 +134,12 @@ def test_lut_model_registers_decode(lut_project):
     assert (project / "arduino" / ident / f"{ident}.ino").is_file()
 
 
-def test_alt_decompression_gets_its_own_region(tiny_tflite, tmp_path):
+def test_alt_decompression_gets_its_own_region(tiny_tflite, tiny_lut_tflite, tmp_path):
     """--decompress-to alt: DECODE's share leaves the arena array for a region given to TFLM."""
     from deploy.firmware import arena_with_margin
     from deploy.measure import alt_decompression_size
 
-    model = _lut_model(tiny_tflite)
+    model = tiny_lut_tflite
     alt = alt_decompression_size(model)
     total = arena_bytes(model, alt_decompression=alt)  # includes the alt region, as the report does
     arr = write_c_arrays(model, tmp_path, "alt")
@@ -240,10 +227,10 @@ def test_unsupported_operator_leaves_nothing_behind(tiny_tflite, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_data.cc", "model_data.h"]
 
 
-def test_bad_render_inputs(tiny_tflite, tmp_path):
+def test_bad_render_inputs(tiny_tflite, tiny_lut_tflite, tmp_path):
     arr = write_c_arrays(tiny_tflite, tmp_path, "m")
     q = {"dtype": "int8", "scale": 0.0039, "zero_point": -128, "shape": (1, 8, 8, 1)}
-    other = _lut_model(tiny_tflite)
+    other = tiny_lut_tflite
     with pytest.raises(FirmwareError, match="does not hold this model"):
         render_firmware(other, tmp_path, name="m", arena_bytes=4096, input_quant=q, c_arrays=arr)
     with pytest.raises(FirmwareError, match="arena_bytes"):

@@ -43,7 +43,7 @@ def toy_run(tmp_path_factory):
     toy = Allocator("toy", _toy_allocate, "toy: six bits everywhere", "*")
     kind = StorageKind("toy8", _toy_build, "int8 by another name", in_auto=False)
     with allocators.registered(toy), storage.registered(kind):
-        run_help = parser()._subparsers._group_actions[0].choices["run"].format_help()
+        run_help = " ".join(parser()._subparsers._group_actions[0].choices["run"].format_help().split())
         rep = run(spec, RunOptions(out=out, method="toy", storage="toy8", epochs=1))
     assert "toy" not in allocators.ALLOCATORS and "toy8" not in storage.STORAGES  # the tables are restored
     return out, rep, run_help

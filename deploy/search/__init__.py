@@ -103,6 +103,7 @@ def planner_targets(trained: Trained, spec: PipelineSpec, opts: RunOptions) -> l
         budget = min(budget, t.board.firmware_flash_budget - code)
     decode = decode_code_bytes(t.kernels) if t.counts_code else 0
     kw = {"decode_budget": t.decode_budget, "keep_dense": opts.keep_dense, "decode_code": decode}
+    kw["kernels"] = t.kernels
     return targets_for_budget(trained, spec, budget, **kw)
 
 

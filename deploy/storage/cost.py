@@ -11,8 +11,9 @@ persistent arena. What a plan changes is then counted object by object:
   Data vectors pad to 4 bytes; nothing else in the file depends on the bits.
 - lut storage (INT4 widened, every weight tensor with <= 128 distinct values per LUT unit compressed by
   tflite-micro, names stripped): per compressed tensor ceil(n * index_bits / 8) bytes of indices, a
-  DECODE operator and its output tensor (LUT_TENSOR + LUT_DIM per dimension, plus LUT_UNIT_QUANT per
-  extra channel: the output carries the per-channel scales and zero points again), and an ancillary
+  DECODE operator and its output tensor (LUT_TENSOR + LUT_DIM per dimension; the output takes over the
+  weight's quantization, the encoded tensor carries none: deploy.storage.encode.drop_encoded_quantization),
+  and an ancillary
   tensor (16-byte DCM + one value table of `stride` int8 entries per unit) that byte-identical tensors
   share (a tensor whose every unit holds the whole symmetric grid has the canonical table). The rebuild
   gives every activation the empty buffer 0 (BUFFER_ENTRY less per extra empty buffer) and adds the
@@ -42,7 +43,6 @@ BUFFER_ENTRY = 16  # a Buffer table, its offset in Model.buffers and the data ve
 LUT_OPCODE = 64  # the TFLM_DECODE operator code (custom code string), once per model
 LUT_TENSOR = 106  # per compressed tensor: DECODE operator, its output tensor, the 1-D encoded shape...
 LUT_DIM = 4  # ...and per dimension of the DECODE output's shape (int32 each)
-LUT_UNIT_QUANT = 12  # per channel of a per-channel DECODE output beyond the first: float scale + int64 zp
 LUT_ANCILLARY = 50  # per distinct ancillary tensor, beyond its data: tensor table, shape, buffer entry
 DCM_BYTES = 16  # DECODE Common Metadata at the head of every ancillary tensor
 MAX_LUT_STRIDE = 128  # deploy.storage.lut: 7 index bits at most; tensors with more distinct values stay INT8
@@ -121,6 +121,9 @@ class ModelShapes:
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     decode_budget: int | None
+    # The kernels unpack each INT4 tensor into an arena scratch buffer (TFLM's reference kernels); CMSIS-NN
+    # reads INT4 packed, so a CMSIS-NN target's shapes set this False (and are not sliced for INT4).
+    int4_scratch: bool = True
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -360,7 +363,7 @@ def store_flash(stores: Sequence[SliceStore]) -> int:
         total += st.payload
         if st.kind != "lut":
             continue
-        total += LUT_TENSOR + LUT_DIM * st.rank + LUT_UNIT_QUANT * (st.units - 1)
+        total += LUT_TENSOR + LUT_DIM * st.rank
         key = st.share_key
         if key is None or key not in seen:
             total += LUT_ANCILLARY + st.ancillary_bytes
@@ -449,7 +452,7 @@ def arena_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]]) ->
         for i in op.outputs:
             first.setdefault(i, t)
             last.setdefault(i, t)
-        if sts:
+        if sts and shapes.int4_scratch:
             int4_ops += 1
             buffers += [(_align(st.elements), t, t) for st in sts]
     for i in shapes.outputs:
@@ -510,11 +513,10 @@ def layer_ram(shapes: ModelShapes, layer: LayerShape, stores: Sequence[SliceStor
     live_at = _live_bytes(shapes)
     peak, tail = 0, 0
     for s, st in zip(layer.slices, stores, strict=True):
-        scratch = _align(st.elements) if st.kind in ("int4", "lut") else 0
+        int4 = st.kind == "int4" and shapes.int4_scratch
+        scratch = _align(st.elements) if st.kind == "lut" or int4 else 0
         peak = max(peak, live_at[s.op] + scratch)
-        tail += (
-            (TAIL_DECODE + 2 * TAIL_TENSOR) if st.kind == "lut" else TAIL_INT4_OP if st.kind == "int4" else 0
-        )
+        tail += (TAIL_DECODE + 2 * TAIL_TENSOR) if st.kind == "lut" else TAIL_INT4_OP if int4 else 0
     return peak + tail
 
 
