@@ -22,6 +22,7 @@ from deploy.artifacts import check_space, prepare_out, staging
 from deploy.export import Exported, ExportOptions, convert, convert_float, export
 from deploy.measure import Measurement, alt_decompression_size, measure_litert, measure_tflm
 from deploy.measure.litert import RESOLVERS
+from deploy.measure.tflm import kernel_set_arena
 from deploy.storage import AUTO, check_storage
 from deploy.target import Target
 from edgeq.allocators import allocate, check_method
@@ -209,6 +210,7 @@ class Measured:
     deployed: Measurement
     uncompressed: Measurement
     litert: tuple[Measurement, ...]  # on the uncompressed model: LiteRT cannot load DECODE
+    board_arena: int = 0  # the arena for the target's kernel set, as the host can tell (kernel_set_arena)
 
 
 def measure_run(trained: Trained, cand: Candidate, target: Target) -> Measured:
@@ -221,6 +223,10 @@ def measure_run(trained: Trained, cand: Candidate, target: Target) -> Measured:
     ex = cand.exported
     alt = alt_decompression_size(ex.deployed.model) if target.decompress_to == "alt" else 0
     int8_litert = measure_litert(int8_model, x[:1], y[:1], task, RESOLVERS[1])
+    deployed = measure_tflm(ex.deployed.model, x, y, task, alt_decompression=alt)
+    board_arena = deployed.arena_bytes
+    if target.kernels != "reference":
+        board_arena = kernel_set_arena(ex.deployed.model, target.kernels, alt_decompression=alt)
     return Measured(
         float_scores=keras_score(trained.float_model, x, y, task),
         float_flash=len(convert_float(trained.float_model)),
@@ -230,9 +236,10 @@ def measure_run(trained: Trained, cand: Candidate, target: Target) -> Measured:
         int8_model=int8_model,
         int8=measure_tflm(int8_model, x, y, task),
         int8_litert_latency_us=int8_litert.latency_us,
-        deployed=measure_tflm(ex.deployed.model, x, y, task, alt_decompression=alt),
+        deployed=deployed,
         uncompressed=measure_tflm(ex.uncompressed, x, y, task),
         litert=tuple(measure_litert(ex.uncompressed, x, y, task, r) for r in RESOLVERS),
+        board_arena=board_arena,
     )
 
 
@@ -259,7 +266,7 @@ def write_artifacts(
         deployed,
         stage,
         name=name,
-        arena_bytes=measured.deployed.arena_bytes,
+        arena_bytes=measured.board_arena,  # kArenaSize for the kernel set the firmware links
         input_quant=io_quant(tflm_interpreter(deployed), "input"),
         c_arrays=carrays,
         board=target.board,

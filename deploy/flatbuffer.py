@@ -543,12 +543,14 @@ def weight_tensors(model_bytes: bytes) -> tuple[WeightTensor, ...]:
 
 
 def unpack_int4_tensors(model_bytes: bytes) -> bytes:
-    """The same model with every INT4 weight tensor stored as INT8 (identical values)."""
+    """The same model with every INT4 weight tensor stored as INT8 (identical values); unchanged without."""
     model = read(model_bytes)
-    for t, _ in weight_inputs(model):
-        if t.dtype == INT4:
-            t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
-            t.dtype = INT8
+    packed = [t for t, _ in weight_inputs(model) if t.dtype == INT4]
+    if not packed:
+        return bytes(model_bytes)  # not rebuilt: a DECODE model's layout and alignment stay as they are
+    for t in packed:
+        t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
+        t.dtype = INT8
     return bytes(model.build())
 
 

@@ -214,13 +214,15 @@ def _models_section(f: RunFacts) -> dict:
 def _target_section(f: RunFacts) -> dict:
     t = f.target
     host = "host TFLM (pip tflite_micro), reference kernels, 64-bit host"
+    if t.kernels == "cmsis-nn":  # deploy.measure.tflm.kernel_set_arena
+        host += ", on the model with INT4 widened to INT8 (CMSIS-NN reads INT4 packed: no unpack scratch)"
     dev = f.device
     return {
         "board": t.board.name if t.board else None,
         "kernels": t.kernels,
         # The arena the board's kernel set needs: the device's when the run measured one, else the host's
         # (a 64-bit host overstates a Cortex-M4's by 1-1.6 KB, more with CMSIS-NN's INT4: DESIGN.md).
-        "arena_bytes": dev.arena_bytes if dev else f.measured.deployed.arena_bytes,
+        "arena_bytes": dev.arena_bytes if dev else f.measured.board_arena,
         "arena_measured_with": (
             f"the firmware on {t.board.name} ({t.kernels} kernels, 32-bit): "
             "MicroInterpreter::arena_used_bytes"

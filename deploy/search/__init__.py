@@ -21,6 +21,7 @@ from deploy.app import (
     train_pipeline,
 )
 from deploy.measure import measure_tflm
+from deploy.measure.tflm import kernel_set_arena
 from deploy.report import Report, SearchRow, SearchSummary
 from deploy.search.executors import Executor
 from deploy.target import Target
@@ -46,6 +47,7 @@ def row_of(cand: Candidate, trained: Trained, target: Target, samples: int | Non
     model = cand.exported.deployed.model
     m = measure_tflm(model, s.x_test[:samples], s.y_test[:samples], s.task)
     code = target.code(model).total if target.board is not None else 0  # a board's flash holds the kernels
+    arena = m.arena_bytes if target.kernels == "reference" else kernel_set_arena(model, target.kernels)
     return SearchRow(
         cand.method,
         cand.target_bits,
@@ -53,9 +55,9 @@ def row_of(cand: Candidate, trained: Trained, target: Target, samples: int | Non
         cand.plan.bits,
         cand.exported.deployed.kind,
         m.flash_bytes,
-        m.arena_bytes,
+        arena,
         round(headline(m.scores), 4),
-        target.fits(m.flash_bytes, m.arena_bytes, code),
+        target.fits(m.flash_bytes, arena, code),
         cand.qat_epochs,
         len(s.x_test[:samples]),
     )
