@@ -187,7 +187,8 @@ def summary_line(body: dict, out: str) -> str:
     d, key = body["models"]["deployed"], "accuracy" if "accuracy" in body["models"]["float"] else "mae"
     t = body.get("target", {})
     on_device = "firmware on" in t.get("arena_measured_with", "")
-    arena = f"arena {t['arena_bytes']:,} B on {t['board']}" if on_device else f"arena {d['arena_bytes']:,} B"
+    where = f"on {t['board']}" if on_device else f"{t.get('kernels', 'reference')} kernels"
+    arena = f"arena {t.get('arena_bytes', d['arena_bytes']):,} B ({where})"
     return (
         f"{' '.join(str(body['pipeline']).split())}: mean bits {body['plan']['mean_bits']:.3f}, "
         f"deployed {d['flash_bytes']:,} B flash "
