@@ -48,7 +48,7 @@ ARTIFACTS = tuple(
 
 def stages_for(target: Target | None) -> tuple[str, ...]:
     """The stages a run goes through: "device" only on a virtual board, which the run measures on."""
-    on_device = target is not None and target.board is not None and target.board.simulator is not None
+    on_device = target is not None and target.simulator is not None
     return STAGES if on_device else tuple(s for s in STAGES if s != "device")
 
 
@@ -117,8 +117,7 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
         if opts.epochs < 1:
             raise PlanError(f"--epochs {opts.epochs} must be at least 1")
         spec = spec.with_epochs(opts.epochs)
-    board = opts.target.board
-    if board is not None and board.simulator == "qemu":  # before training: the tools, the tree
+    if opts.target.simulator == "qemu":  # before training: the tools, the tree
         from deploy.device.simulate import check_simulator
 
         check_simulator(opts.target.kernels)
@@ -220,13 +219,11 @@ def measure_run(trained: Trained, cand: Candidate, target: Target) -> Measured:
     s = trained.splits
     x, y, task = s.x_test, s.y_test, s.task
     int8_model = convert(trained.float_model, s.x_train)
-    ex = cand.exported
-    alt = alt_decompression_size(ex.deployed.model) if target.decompress_to == "alt" else 0
+    ex, model = cand.exported, cand.exported.deployed.model
+    alt = alt_decompression_size(model) if target.decompress_to == "alt" else 0
     int8_litert = measure_litert(int8_model, x[:1], y[:1], task, RESOLVERS[1])
-    deployed = measure_tflm(ex.deployed.model, x, y, task, alt_decompression=alt)
-    board_arena = deployed.arena_bytes
-    if target.kernels != "reference":
-        board_arena = kernel_set_arena(ex.deployed.model, target.kernels, alt_decompression=alt)
+    deployed = measure_tflm(model, x, y, task, alt_decompression=alt)
+    board_arena = kernel_set_arena(model, target.kernels, deployed.arena_bytes, alt_decompression=alt)
     return Measured(
         float_scores=keras_score(trained.float_model, x, y, task),
         float_flash=len(convert_float(trained.float_model)),
@@ -313,9 +310,9 @@ def deploy(
     with staging(out, force=opts.force) as stage:
         carrays = write_artifacts(stage, trained, cand, measured, spec.name, opts.target)
         device = None
-        board = opts.target.board
-        if board is not None and board.simulator == "qemu":
-            clock("device", f"cross-compiling the firmware and running the test split on {board.name} (QEMU)")
+        if opts.target.simulator == "qemu":
+            name = opts.target.board.name
+            clock("device", f"cross-compiling the firmware and running the test split on {name} (QEMU)")
             from deploy.device.simulate import run_on_qemu
 
             device = run_on_qemu(stage, opts.target.kernels)

@@ -186,8 +186,7 @@ def summary_line(body: dict, out: str) -> str:
     """The one line a run prints when it is done."""
     d, key = body["models"]["deployed"], "accuracy" if "accuracy" in body["models"]["float"] else "mae"
     t = body.get("target", {})
-    on_device = "firmware on" in t.get("arena_measured_with", "")
-    where = f"on {t['board']}" if on_device else f"{t.get('kernels', 'reference')} kernels"
+    where = f"on {t['board']}" if t.get("arena_on_device") else f"{t.get('kernels', 'reference')} kernels"
     arena = f"arena {t.get('arena_bytes', d['arena_bytes']):,} B ({where})"
     return (
         f"{' '.join(str(body['pipeline']).split())}: mean bits {body['plan']['mean_bits']:.3f}, "

@@ -39,6 +39,11 @@ class Target:
         return min(limits) if limits else None
 
     @property
+    def simulator(self) -> str | None:
+        """ "qemu" when the board is a virtual one the run measures its firmware on, else None."""
+        return self.board.simulator if self.board is not None else None
+
+    @property
     def searching(self) -> bool:
         """True when a budget asks for a search rather than one plan.
 
@@ -46,7 +51,7 @@ class Target:
         """
         if self.flash_budget is not None or self.ram_budget is not None:
             return True
-        return self.board is not None and self.board.simulator is None
+        return self.board is not None and self.simulator is None
 
     @property
     def counts_code(self) -> bool:
@@ -57,16 +62,15 @@ class Target:
     def code(self, model: bytes) -> CodeSize:
         """The firmware code the model needs beside its bytes: TFLM's runtime and its operators' kernels
         and decoders for this kernel set, as measured on a Cortex-M4 (deploy/firmware/code_size.json)."""
-        from deploy.firmware import describe
-        from deploy.firmware.code_size import firmware_code
+        from deploy.firmware.code_size import model_code
 
-        return firmware_code(self.kernels, describe(model).ops)
+        return model_code(model, self.kernels)
 
     def fits(self, flash: int, arena: int, code: int = 0) -> bool:
         """True when the model's flash (plus code, against a board) and its arena are within the budgets."""
-        board_ok = self.board is None or flash + code <= self.board.firmware_flash_budget
+        board_ok = self.board is None or fit_check(self.board, flash, arena, code).fits
         flash_ok = self.flash_budget is None or flash <= self.flash_budget
-        return board_ok and flash_ok and (self.model_ram is None or arena <= self.model_ram)
+        return board_ok and flash_ok and (self.ram_budget is None or arena <= self.ram_budget)
 
     def describe(self) -> str:
         """'model flash <= N B, firmware flash <= F B, arena <= M B', or 'no budget'."""

@@ -60,7 +60,6 @@ def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOp
 
 def _code_of(kernels: str):
     """The flash a stored model's operators and decoders take in the firmware, for kernels."""
-    from deploy.firmware import describe
-    from deploy.firmware.code_size import firmware_code
+    from deploy.firmware.code_size import model_code
 
-    return lambda model: firmware_code(kernels, describe(model).ops).total
+    return lambda model: model_code(model, kernels).total

@@ -147,6 +147,13 @@ def code_from_entry(kernels: str, entry: dict, ops: Iterable[str]) -> CodeSize:
     return CodeSize(kernels, int(entry["runtime"]), per_op, unknown, shared)
 
 
+def model_code(model: bytes, kernels: str) -> CodeSize:
+    """firmware_code for the operators a .tflite holds (deploy.flatbuffer.operators)."""
+    from deploy.flatbuffer import operators  # tflite_micro's schema: only when a model is read
+
+    return firmware_code(kernels, operators(model))
+
+
 def decode_code_bytes(kernels: str, ops: Iterable[str] = ()) -> int:
     """What DECODE (with all its decoders) adds to a firmware of ops for kernels: what storing tensors as
     LUT (or PRUNE, HUFFMAN) costs in code. Without ops, its bytes alone (an upper bound: with other
@@ -163,6 +170,7 @@ __all__ = [
     "decode_code_bytes",
     "firmware_code",
     "kernel_sets",
+    "model_code",
     "op_bytes",
     "provenance",
 ]

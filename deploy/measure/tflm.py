@@ -122,19 +122,23 @@ def interpreter_arena(interp, alt_decompression: int = 0) -> int:
     return int(m.group(1)) + alt_decompression
 
 
-def kernel_set_arena(model: bytes, kernels: str, *, alt_decompression: int = 0) -> int:
+def kernel_set_arena(model: bytes, kernels: str, host_arena: int, *, alt_decompression: int = 0) -> int:
     """The host's best figure for the arena a kernel set needs (host TFLM runs the reference kernels).
+
+    host_arena: the model's own host TFLM arena, which holds as it is for the reference kernels and for a
+    model with no INT4 tensor.
 
     The reference kernels unpack every INT4 weight tensor into an arena scratch buffer; CMSIS-NN reads INT4
     packed. For cmsis-nn this is the host arena of the model with its INT4 tensors widened to INT8: the
     same activations, DECODE buffers and interpreter structures without the unpack scratch (CMSIS-NN's own
     small scratch is left to the firmware's margin; a virtual board measures the device's own figure).
     """
-    if kernels == "cmsis-nn":
-        from deploy.flatbuffer import unpack_int4_tensors
+    if kernels != "cmsis-nn":
+        return host_arena
+    from deploy.flatbuffer import unpack_int4_tensors
 
-        model = unpack_int4_tensors(model)
-    return arena_bytes(model, alt_decompression=alt_decompression)
+    widened = unpack_int4_tensors(model)
+    return host_arena if widened == model else arena_bytes(widened, alt_decompression=alt_decompression)
 
 
 def arena_bytes(model: bytes, sample: np.ndarray | None = None, *, alt_decompression: int = 0) -> int:

@@ -223,6 +223,7 @@ def _target_section(f: RunFacts) -> dict:
         # The arena the board's kernel set needs: the device's when the run measured one, else the host's
         # (a 64-bit host overstates a Cortex-M4's by 1-1.6 KB, more with CMSIS-NN's INT4: DESIGN.md).
         "arena_bytes": dev.arena_bytes if dev else f.measured.board_arena,
+        "arena_on_device": dev is not None,
         "arena_measured_with": (
             f"the firmware on {t.board.name} ({t.kernels} kernels, 32-bit): "
             "MicroInterpreter::arena_used_bytes"

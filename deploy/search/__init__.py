@@ -47,7 +47,7 @@ def row_of(cand: Candidate, trained: Trained, target: Target, samples: int | Non
     model = cand.exported.deployed.model
     m = measure_tflm(model, s.x_test[:samples], s.y_test[:samples], s.task)
     code = target.code(model).total if target.board is not None else 0  # a board's flash holds the kernels
-    arena = m.arena_bytes if target.kernels == "reference" else kernel_set_arena(model, target.kernels)
+    arena = kernel_set_arena(model, target.kernels, m.arena_bytes)
     return SearchRow(
         cand.method,
         cand.target_bits,
