@@ -140,8 +140,6 @@ def test_an_unreadable_table_is_an_error(tmp_path):
         code_size._table(tmp_path / "missing.json")
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_firmware(tiny_tflite, tiny_lut_tflite, tmp_path_factory) -> dict[str, Path]:
     """The tiny digits model's firmware, int8 and LUT-compressed (DECODE), rendered as `edgeq run` does."""

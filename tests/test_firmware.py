@@ -37,8 +37,6 @@ def _run(cmd, cwd, ok=True, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-
-
 def _render(model: bytes, out: Path, name: str, board=None) -> Path:
     arr = write_c_arrays(model, out, name)
     return render_firmware(

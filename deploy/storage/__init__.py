@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from deploy.flatbuffer import strip_names
+from deploy.flatbuffer import compact
 from deploy.measure.tflm import arena_bytes, run_tflm
 from deploy.storage import huffman, int4, int8, lut, prune
 from deploy.storage.base import Storage, StorageError, StorageKind
@@ -94,7 +94,7 @@ def choose(
     for kind in kinds:
         source = sliced if sliced is not None and kind.slices(kernels) else converted
         built = kind.build(source)
-        v = Storage(built.kind, strip_names(built.model), built.tensors)
+        v = Storage(built.kind, compact(built.model), built.tensors)
         verify_same_outputs(reference_raw, v.model, verify_x, f"{v.kind} model")
         variants.append(v)
     ranked = variants

@@ -6,18 +6,16 @@ compressor), see benchmarks/cost_model.py. The model starts from one reference c
 biases, quantization of the weight tensors, slicing under the decode budget, metadata and the TFLM
 persistent arena. What a plan changes is then counted object by object:
 
-- int4 storage (the converter's file, sliced, names stripped): a layer of <= 4 bits is packed INT4,
-  ceil(n / 2) bytes whatever b in 2..4, so 2 and 3 bits save nothing over 4; others are INT8, n bytes.
-  Data vectors pad to 4 bytes; nothing else in the file depends on the bits.
+- int4 storage (the converter's file, sliced, compacted by deploy.flatbuffer.compact): a layer of <= 4
+  bits is packed INT4, ceil(n / 2) bytes whatever b in 2..4, so 2 and 3 bits save nothing over 4;
+  others are INT8, n bytes. Data vectors pad to 4 bytes; nothing else in the file depends on the bits.
 - lut storage (INT4 widened, every weight tensor with <= 128 distinct values per LUT unit compressed by
-  tflite-micro, names stripped): per compressed tensor ceil(n * index_bits / 8) bytes of indices, a
+  tflite-micro, compacted): per compressed tensor ceil(n * index_bits / 8) bytes of indices, a
   DECODE operator and its output tensor (LUT_TENSOR + LUT_DIM per dimension; the output takes over the
   weight's quantization, the encoded tensor carries none: deploy.storage.encode.drop_encoded_quantization),
-  and an ancillary
-  tensor (16-byte DCM + one value table of `stride` int8 entries per unit) that byte-identical tensors
-  share (a tensor whose every unit holds the whole symmetric grid has the canonical table). The rebuild
-  gives every activation the empty buffer 0 (BUFFER_ENTRY less per extra empty buffer) and adds the
-  DECODE operator code.
+  and an ancillary tensor (16-byte DCM + one value table of `stride` int8 entries per unit) that
+  byte-identical tensors share (a tensor whose every unit holds the whole symmetric grid has the canonical
+  table); once per model the DECODE operator code.
   index_bits = ceil(log2(stride)), stride = the most distinct values in any unit, so a 5-bit layer
   with 9 weights per channel is stored in 4-bit indices.
 - arena: TFLM's greedy planner, simulated exactly over the activations, each INT4 operator's unpack
@@ -39,11 +37,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Flatbuffer objects, in bytes (measured on the stored files of digits, LeNet-5 and ResNet-8).
-BUFFER_ENTRY = 16  # a Buffer table, its offset in Model.buffers and the data vector's length word
-LUT_OPCODE = 64  # the TFLM_DECODE operator code (custom code string), once per model
-LUT_TENSOR = 106  # per compressed tensor: DECODE operator, its output tensor, the 1-D encoded shape...
+# Fitted on compacted files (deploy.flatbuffer.compact: no names, one empty buffer, zero points shared) of
+# digits, LeNet-5 and ResNet-8, 15 LUT files: max error 15 B.
+LUT_OPCODE = 89  # the TFLM_DECODE operator code (custom code string), once per model
+LUT_TENSOR = 52  # per compressed tensor: DECODE operator, its output tensor, the 1-D encoded shape...
 LUT_DIM = 4  # ...and per dimension of the DECODE output's shape (int32 each)
-LUT_ANCILLARY = 50  # per distinct ancillary tensor, beyond its data: tensor table, shape, buffer entry
+LUT_ANCILLARY = 41  # per distinct ancillary tensor, beyond its data: tensor table, shape, buffer entry
 DCM_BYTES = 16  # DECODE Common Metadata at the head of every ancillary tensor
 MAX_LUT_STRIDE = 128  # deploy.storage.lut: 7 index bits at most; tensors with more distinct values stay INT8
 # TFLM arena: buffers are 16-byte aligned; persistent structs per DECODE operator and per added tensor
@@ -113,8 +112,6 @@ class ModelShapes:
 
     layers: tuple[LayerShape, ...]
     int8_flash: int  # the stored int4-storage file with every weight tensor INT8
-    empty_buffers: int  # empty buffers of that file (the LUT rebuild keeps one)
-    int8_extra: int  # the int8 storage's extra rebuild: one more metadata copy
     tail: int  # TFLM persistent arena of that file
     activation_bytes: tuple[int, ...]  # runtime bytes of every non-constant tensor
     ops: tuple[GraphOp, ...]
@@ -213,7 +210,7 @@ def shapes_from_tflite(converted: bytes, decode_budget: int | None = 16 * 1024) 
     """The byte model's view of a model, from the converter's output for any plan (names still in it).
 
     Runs the exporter's value-independent steps on it (slicing under decode_budget, the export's default
-    16 KiB; stripping names), widens INT4 payloads back to INT8 in the count, and reads the graph and
+    16 KiB; compacting), widens INT4 payloads back to INT8 in the count, and reads the graph and
     TFLM's persistent arena.
     """
     from tflite_micro.tensorflow.lite.micro.compression import model_editor
@@ -221,7 +218,7 @@ def shapes_from_tflite(converted: bytes, decode_budget: int | None = 16 * 1024) 
     # The one import of deploy.export from the storage room: the model predicts the exporter's output, so
     # it slices as the exporter does (imported here: deploy.export imports this package).
     from deploy.export.slicing import layer_name, slice_weights
-    from deploy.flatbuffer import INT4, _parse, is_per_channel, strip_names, unpack_int4_tensors
+    from deploy.flatbuffer import INT4, compact, is_per_channel, unpack_int4_tensors
 
     # The slicer names slices after the op's output (a fused activation's name, e.g. stem_relu); the kernel's
     # own name holds its layer (stem_conv): map the one to the other on the unsliced model.
@@ -273,12 +270,10 @@ def shapes_from_tflite(converted: bytes, decode_budget: int | None = 16 * 1024) 
     for entry in layers.values():
         if entry["op"] != "DEPTHWISE_CONV_2D":  # slices split axis 0: the layer's kernel has them all
             entry["shape"][0] = entry["slices"][-1].hi
-    stored = strip_names(sliced)
+    stored = compact(sliced)
     # The int4 storage's file with INT8 weights: the tail is read there (INT4 ops add their scratch
     # requests, counted per plan), the flash counted from the INT4 file plus the widening.
-    plain = strip_names(unpack_int4_tensors(sliced)) if int4_pad else stored
-    fb = _parse(stored)
-    meta = sum(len(fb.buffers[m.buffer].data) for m in (fb.metadata or []))
+    plain = compact(unpack_int4_tensors(sliced)) if int4_pad else stored
     sizes = [0] * len(sg.tensors)
     for i, n in activations.items():
         sizes[i] = n
@@ -288,8 +283,6 @@ def shapes_from_tflite(converted: bytes, decode_budget: int | None = 16 * 1024) 
             for name, e in layers.items()
         ),
         int8_flash=len(stored) + int4_pad,
-        empty_buffers=sum(1 for b in fb.buffers if b.data is None or len(b.data) == 0),
-        int8_extra=meta + BUFFER_ENTRY * len(fb.metadata or []),
         tail=_tflm_tail(plain),
         activation_bytes=tuple(sizes),
         ops=tuple(ops),
@@ -376,11 +369,8 @@ def family_base(shapes: ModelShapes, storage: str) -> int:
     """Flash of the stored file without the weight tensors' storage-dependent bytes (see store_flash)."""
     base = shapes.int8_flash - shapes.weight_bytes_int8
     if storage == "lut":
-        # The compressor's rebuild gives every activation buffer 0; the DECODE operator code is new.
-        return base - BUFFER_ENTRY * (shapes.empty_buffers - 2) + LUT_OPCODE
-    if storage == "int8":
-        return base + shapes.int8_extra
-    return base
+        return base + LUT_OPCODE  # the DECODE operator code is new
+    return base  # int8, int4: compact writes the same structure whatever the weights' types
 
 
 def resolve(
