@@ -613,6 +613,44 @@ def _renumber_buffers(root, metadata: list) -> None:
     root.buffers = new
 
 
+def _share_slice_outputs(root) -> set[int]:
+    """The ids of the arrays that equal outputs of a sliced layer now share: their shapes and quantization.
+
+    The slicer cuts a layer into output-channel slices joined by one CONCATENATION; every slice output
+    has the layer's output quantization and, but for the last, the same shape (about 36 B a slice).
+    """
+    concat = {i for i, c in enumerate(root.operatorCodes or []) if _builtin(c) == "CONCATENATION"}
+    shared: set[int] = set()
+    for sg in root.subgraphs or []:
+        for op in sg.operators or []:
+            if op.opcodeIndex not in concat:
+                continue
+            first: dict[tuple, object] = {}
+            for i in op.inputs:
+                t = sg.tensors[i]
+                q = t.quantization
+                if q is None or q.scale is None or q.zeroPoint is None or t.shape is None:
+                    continue
+                key = (t.type, t.shape.tobytes(), q.scale.tobytes(), q.zeroPoint.tobytes())
+                if key in first:
+                    model = first[key]
+                    t.shape, q.scale, q.zeroPoint = (
+                        model.shape,
+                        model.quantization.scale,
+                        model.quantization.zeroPoint,
+                    )
+                else:
+                    first[key] = t
+                    shared |= {id(t.shape), id(q.scale), id(q.zeroPoint)}
+    return shared
+
+
+def _builtin(code) -> str:
+    """An OperatorCodeT's builtin operator name."""
+    b = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return _enum_names(_schema().BuiltinOperator).get(b, "")
+
+
 def compact(model_bytes: bytes) -> bytes:
     """The same model with only what TFLM reads, each vector once (every export passes through it).
 
@@ -642,8 +680,9 @@ def compact(model_bytes: bytes) -> bytes:
             if weight and q is not None and q.zeroPoint is not None and not np.any(q.zeroPoint):
                 n = len(q.zeroPoint)
                 q.zeroPoint = zeros.setdefault(n, np.zeros(n, np.int64))
+    shared = {id(z) for z in zeros.values()} | _share_slice_outputs(root)
     _renumber_buffers(root, kept)
-    builder = _SharedVectors(len(model_bytes) + 1024, {id(z) for z in zeros.values()})
+    builder = _SharedVectors(len(model_bytes) + 1024, shared)
     builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
 
