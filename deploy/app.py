@@ -74,6 +74,9 @@ class RunOptions:
     qat_start: str = "float"  # QAT from the float weights, or "twin": from the Bayesian twin's means
     distribute: str | None = None  # "multi-worker": the twin trains on the workers TF_CONFIG names
     target: Target = field(default_factory=Target)
+    # --prune: the fraction of each planned layer's weights zeroed before QAT, the least informative
+    # (|mu|/sigma) first, kept at zero through QAT; storage auto then tries PRUNE and HUFFMAN as well
+    prune: float | None = None
     force: bool = False  # replace files in out that edgeq did not write (see deploy.artifacts)
 
 
@@ -95,6 +98,7 @@ class Candidate:
     exported: Exported
     qat_epochs: int
     allocate_s: float
+    prune: float | None = None  # the fraction of each planned layer's weights --prune zeroed
 
     @property
     def key(self) -> tuple:
@@ -183,15 +187,38 @@ def make_candidate(
         start=opts.qat_start,
         keep_dense=opts.keep_dense,
     )
-    fine_tune(qat, trained.splits, spec, qat_epochs)
+    masks = prune_masks(trained, plan, opts.prune)
+    if masks:
+        from edgeq.prune import KeepMasks, apply_masks
+
+        apply_masks(qat, masks)
+        fine_tune(qat, trained.splits, spec, qat_epochs, [KeepMasks(masks)])
+        apply_masks(qat, masks)  # after bake_levels: a level grid need not hold 0
+    else:
+        fine_tune(qat, trained.splits, spec, qat_epochs)
     on_stage("export", f"converting, slicing and storing the weights ({opts.storage})")
     s = trained.splits
     t = opts.target
     options = ExportOptions(
-        opts.storage, t.decode_budget, t.model_ram, kernels=t.kernels, count_code=t.counts_code
+        opts.storage,
+        t.decode_budget,
+        t.model_ram,
+        kernels=t.kernels,
+        count_code=t.counts_code,
+        sparse=bool(masks),
     )
     exported = export(qat, s.x_train, s.x_test, options)
-    return Candidate(method, target_bits, plan, qat, exported, qat_epochs, allocate_s)
+    pruned = opts.prune if masks else None
+    return Candidate(method, target_bits, plan, qat, exported, qat_epochs, allocate_s, pruned)
+
+
+def prune_masks(trained: Trained, plan: BitPlan, fraction: float | None) -> dict[str, np.ndarray]:
+    """--prune's masks: per planned layer with a posterior, 0 at its least informative weights."""
+    if not fraction:
+        return {}
+    from edgeq.prune import informativeness_masks
+
+    return informativeness_masks([p for p in trained.posteriors if p.name in plan.layers], fraction)
 
 
 @dataclass(frozen=True)

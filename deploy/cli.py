@@ -93,9 +93,23 @@ def _options(args: argparse.Namespace):
         qat_start=args.qat_start,
         distribute=args.distribute,
         target=target,
+        prune=_prune(args.prune),
         force=args.force,
     )
     return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods), executor
+
+
+def _prune(text: str) -> float | None:
+    """--prune: none, or a fraction of each layer's weights in [0, 1)."""
+    from edgeq.prune import check_fraction
+
+    if str(text).strip().lower() in ("none", "0", ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise EdgeqError(f"--prune {text!r} is not a fraction; pass e.g. 0.5, or none") from e
+    return check_fraction(value)
 
 
 def _sweep_targets(text: str) -> tuple[float, ...]:
@@ -271,6 +285,13 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         help="weight storage: "
         + "; ".join(f"{k.name} = {k.description}" for k in STORAGES.values())
         + "; auto = the smallest verified one",
+    )
+    r.add_argument(
+        "--prune",
+        default="none",
+        help="zero this fraction of each planned layer's weights before QAT, the least informative "
+        "(|mu|/sigma) first, kept at zero through QAT; --storage auto then also tries prune and huffman "
+        "(default: none)",
     )
     r.add_argument(
         "--kernels",

@@ -6,7 +6,7 @@ optional `on_stage(name, text)` callback, and returns plain values; none knows a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -124,11 +124,12 @@ def train(
     return Trained(splits, float_model, bnn, bayes.to_deterministic(bnn, float_model), posts, sizes)
 
 
-def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int) -> None:
+def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int, callbacks: Sequence = ()) -> None:
     """TF-MOT QAT for `epochs`; with 0 epochs, one pass at learning rate 0 only calibrates the ranges.
 
     The quantizers' ranges (activations' moving averages, kernels' last values) are set in training
-    mode, so even a model that is not fine-tuned needs one pass before conversion.
+    mode, so even a model that is not fine-tuned needs one pass before conversion. callbacks: Keras
+    callbacks for the fit (edgeq.prune.KeepMasks keeps pruned weights at zero).
     """
     import tf_keras as keras
 
@@ -137,5 +138,12 @@ def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int) -> None:
     loss, metrics = loss_and_metrics(splits.task, spec.from_logits)
     optimizer = keras.optimizers.Adam(spec.qat_lr) if epochs > 0 else keras.optimizers.SGD(0.0)
     qat.compile(optimizer, loss, metrics)
-    qat.fit(splits.x_train, splits.y_train, epochs=max(epochs, 1), batch_size=spec.batch_size, verbose=0)
+    qat.fit(
+        splits.x_train,
+        splits.y_train,
+        epochs=max(epochs, 1),
+        batch_size=spec.batch_size,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
     bake_levels(qat)

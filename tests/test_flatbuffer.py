@@ -188,3 +188,66 @@ def test_resolver_mapping_covers_the_brief():
     assert calls[:3] == ["AddDepthwiseConv2D", "AddSoftmax", "AddMaxPool2D"]
     assert calls[-2:] == ["AddHardSwish", "AddDecode"]
     assert len(calls) == len(ops)
+
+
+def _litert_outputs(model: bytes, x: np.ndarray) -> np.ndarray:
+    """Raw int8 outputs of LiteRT's interpreter on every row of x (inputs quantized as the model says)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    scale, zero = i["quantization"]
+    out = []
+    for row in x:
+        q = np.clip(np.round(row / scale + zero), -128, 127).astype(np.int8).reshape(i["shape"])
+        it.set_tensor(i["index"], q)
+        it.invoke()
+        out.append(it.get_tensor(o["index"]).copy())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4", "lut"])
+def test_compact_keeps_what_tflm_and_litert_compute(tiny_tflite, tiny_lut_tflite, digits, storage):
+    from deploy.flatbuffer import DROPPED_METADATA, compact, read
+    from deploy.measure.tflm import run_tflm
+    from deploy.verify import parse_verified
+
+    x = digits[0][-60:]
+    model = {"int8": tiny_tflite, "int4": int4_model(tiny_tflite)[0], "lut": tiny_lut_tflite}[storage]
+    small = compact(model)
+    assert len(small) < len(model)
+    assert np.array_equal(run_tflm(small, x), run_tflm(model, x))
+    if storage == "int8":  # LiteRT computes exactly what it computed before
+        assert np.array_equal(_litert_outputs(small, x), _litert_outputs(model, x))
+    if storage == "int4":
+        # tflite-micro's model editor writes every empty buffer as an empty data vector, which LiteRT
+        # refuses ("required_bytes <= bytes"); compact writes none, so the file loads and runs (its INT4
+        # kernels round within 1 LSB of TFLM's)
+        with pytest.raises(ValueError, match="required_bytes"):
+            _litert_outputs(model, x[:1])
+        diff = _litert_outputs(small, x).astype(int) - run_tflm(small, x).reshape(len(x), 1, -1)
+        assert np.abs(diff).max() <= 1
+    fb = parse_verified(small, "compacted")
+    assert not fb.signatureDefs and fb.description is None
+    assert not {m.name for m in fb.metadata or []} & set(DROPPED_METADATA)
+    assert all(t.name in (None, b"") for t in fb.subgraphs[0].tensors)
+    # one empty buffer (0) for every tensor without data, nothing unreferenced
+    empty = [i for i, b in enumerate(fb.buffers) if b.data is None or len(b.data) == 0]
+    assert empty == [0]
+    assert {t.buffer for t in fb.subgraphs[0].tensors} | {m.buffer for m in fb.metadata or []} == set(
+        range(len(fb.buffers))
+    )
+    assert compact(small) == small  # nothing more to drop
+    read(small)  # tflite-micro's model editor (the compressor, the slicer) still reads it
+
+
+def test_compact_writes_the_zero_points_of_zero_once(tiny_tflite):
+    from deploy.flatbuffer import compact
+
+    small = compact(tiny_tflite)
+    # every weight and bias tensor of the tiny model (conv1 per channel: 8 values) has zero points of 0;
+    # compacted, the 8-value int64 zero vector (64 zero bytes behind a length word of 8) is stored once
+    vector = (8).to_bytes(4, "little") + bytes(64)
+    assert tiny_tflite.count(vector) >= 2
+    assert small.count(vector) == 1

@@ -84,3 +84,54 @@ def test_bad_inputs(tiny_keras, posts):
         prune.prune_model(tiny_keras, sparsity=0.5, policy="random")
     with pytest.raises(prune.PruningError, match="output layer"):
         prune.prune_channels(tiny_keras, prune.channel_plan(posts, 0.5))
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """`edgeq run pipelines/digits.py --prune 0.6 --epochs 1`: the real run, pruned inside it."""
+    from pathlib import Path
+
+    from deploy.cli import main
+
+    out = tmp_path_factory.mktemp("pruned")
+    pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
+    assert main(["run", str(pipeline), "--prune", "0.6", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_prune_in_the_run_zeroes_each_layer_and_tries_the_sparse_storages(pruned_run):
+    import json
+
+    from deploy.export.slicing import layer_name
+    from deploy.flatbuffer import read, tensor_values, weight_inputs
+
+    rep = json.loads((pruned_run / "report.json").read_text())
+    pr = rep["pruning"]
+    assert pr["fraction"] == 0.6 and {r["name"] for r in pr["layers"]} == {"conv1", "conv2", "fc1", "fc2"}
+    # the zeros the report counts are the converted model's: at least the masked 60% of every layer
+    converted = read((pruned_run / "model_uncompressed.tflite").read_bytes())
+    for t, _ in weight_inputs(converted):
+        row = next(r for r in pr["layers"] if r["name"] == layer_name(str(t.name)))
+        vals = tensor_values(t)
+        assert row["zeros"] == int(np.sum(vals == 0)) >= int(0.6 * vals.size)
+        assert row["entropy_bytes"] < row["fixed_width_bytes"]
+    # storage auto built the kinds that pay on zeros too, each verified bit for bit, and HUFFMAN's file is
+    # the smallest; auto still weighs DECODE's code, so the firmware's choice may be another
+    variants = rep["models"]["deployed"]["variants"]
+    assert {"int4", "lut", "prune", "huffman"} <= set(variants)
+    assert variants["huffman"] < variants["int4"]
+    assert "## Pruning (--prune 0.6" in (pruned_run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "half", "nan"])
+def test_prune_fraction_outside_0_1_is_refused_before_training(tmp_path, capfd, value):
+    from pathlib import Path
+
+    from deploy.cli import main
+
+    out = tmp_path / "out"
+    pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
+    assert main(["run", str(pipeline), "--prune", value, "--out", str(out)]) == 2
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("edgeq:")]
+    assert len(err) == 1 and err[0].startswith("edgeq: error: --prune"), err
+    assert not out.exists()

@@ -27,6 +27,7 @@ class ExportOptions:
     arena_limit: int | None = None  # --storage auto weighs flash against this arena
     kernels: str = "reference"  # the kernel set the firmware links: what it buffers, what code it costs
     count_code: bool = True  # --storage auto counts the decoders' code (deploy/firmware/code_size.json)
+    sparse: bool = False  # the weights were pruned: --storage auto also tries the kinds that pay on zeros
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Exported:
 def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOptions) -> Exported:
     """Convert; slice under the decode budget where the kernels buffer weights, store, keep the best."""
     uncompressed = convert(qat, x_calibrate)
-    buffered = any(k.slices(options.kernels) for k in kinds_for(options.storage))
+    buffered = any(k.slices(options.kernels) for k in kinds_for(options.storage, options.sparse))
     budget = options.decode_budget if buffered else None
     sliced = slice_weights(uncompressed, budget) if budget else None
     deployed, variants = choose(
@@ -53,6 +54,7 @@ def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOp
         sliced=sliced.model if sliced else None,
         kernels=options.kernels,
         code_of=_code_of(options.kernels) if options.count_code else None,
+        sparse=options.sparse,
     )
     used_slices = sliced is not None and STORAGES[deployed.kind].slices(options.kernels)
     return Exported(uncompressed, deployed, variants, sliced if used_slices else None)

@@ -121,6 +121,41 @@ def _plan_section(f: RunFacts) -> dict:
     }
 
 
+def _pruning_section(f: RunFacts) -> dict:
+    """--prune: per planned layer, its zeros in the converted model and what fixed width and an ideal
+    entropy coder would store it in (the deployed file's total is in models.deployed)."""
+    from deploy.export.slicing import layer_name
+    from deploy.flatbuffer import read, tensor_values, weight_inputs
+
+    plan = f.candidate.plan
+    layers = []
+    for t, _ in weight_inputs(read(f.candidate.exported.uncompressed)):
+        name = layer_name(str(t.name))
+        if name not in plan.layers:
+            continue
+        vals = tensor_values(t).reshape(-1)
+        _, counts = np.unique(vals, return_counts=True)
+        p = counts / vals.size
+        bits = plan.layers[name].bits
+        layers.append(
+            {
+                "name": name,
+                "weights": int(vals.size),
+                "zeros": int(np.sum(vals == 0)),
+                "sparsity": _r(float(np.mean(vals == 0)), 4),
+                "bits": bits,
+                "fixed_width_bytes": int(np.ceil(vals.size * bits / 8)),
+                "entropy_bytes": int(np.ceil(vals.size * float(-(p * np.log2(p)).sum()) / 8)),
+            }
+        )
+    return {
+        "fraction": f.candidate.prune,
+        "policy": "unstructured: the least informative weights (|mu|/sigma) of each planned layer",
+        "storage": f.candidate.exported.deployed.kind,
+        "layers": layers,
+    }
+
+
 def _jsonable(v):
     return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
@@ -318,6 +353,8 @@ def build(
     }
     if f.source is not None:
         body["source"] = {"model": f.source[0], "sha256": f.source[1]}
+    if f.candidate.prune:
+        body["pruning"] = _pruning_section(f)
     sliced = f.candidate.exported.sliced
     if sliced is not None:
         body["slicing"] = {

@@ -156,6 +156,28 @@ def _storage(body) -> list[str]:
     return lines
 
 
+def _pruning(body) -> list[str]:
+    pr = body.get("pruning")
+    if not pr:
+        return []
+    lines = [
+        "",
+        f"## Pruning (--prune {pr['fraction']:g}, deployed as {pr['storage']})",
+        "",
+        f"{pr['policy']}; kept at zero through QAT. Bytes at the plan's fixed width against an ideal "
+        "entropy coder's floor for the same integers.",
+        "",
+        "| layer | weights | zeros | sparsity | bits | fixed-width B | entropy B |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['weights']:,} | {r['zeros']:,} | {r['sparsity']:.1%} | {r['bits']} | "
+        f"{r['fixed_width_bytes']:,} | {r['entropy_bytes']:,} |"
+        for r in pr["layers"]
+    ]
+    return lines
+
+
 def _search(rep: Report) -> list[str]:
     if rep.search is None:
         return []
@@ -204,6 +226,6 @@ def render(rep: Report) -> str:
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in b["stage_seconds"].items()),
     ]
-    parts = head + _models(b) + _notes(b) + _firmware(b) + _plan(b) + _storage(b)
+    parts = head + _models(b) + _notes(b) + _firmware(b) + _plan(b) + _storage(b) + _pruning(b)
     parts += _search(rep) + _device(rep) + tail
     return "\n".join(parts) + "\n"

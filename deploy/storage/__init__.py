@@ -63,10 +63,11 @@ def verify_same_outputs(reference_raw: np.ndarray, candidate: bytes, x: np.ndarr
         )
 
 
-def kinds_for(storage: str) -> list[StorageKind]:
-    """The storage kinds a --storage value builds: the one named, or every kind in auto."""
+def kinds_for(storage: str, sparse: bool = False) -> list[StorageKind]:
+    """The storage kinds a --storage value builds: the one named, or every kind in auto (with the kinds
+    that pay on zeros when the weights were pruned: sparse)."""
     if check_storage(storage) == AUTO:
-        return [k for k in STORAGES.values() if k.in_auto]
+        return [k for k in STORAGES.values() if k.in_auto or (sparse and k.sparse)]
     return [STORAGES[storage]]
 
 
@@ -80,6 +81,7 @@ def choose(
     sliced: bytes | None = None,
     kernels: str = "reference",
     code_of: Callable[[bytes], int] | None = None,
+    sparse: bool = False,
 ) -> tuple[Storage, tuple[Storage, ...]]:
     """Build the storage variants asked for, verify each against reference (default: converted).
 
@@ -88,7 +90,7 @@ def choose(
     arena_limit, the least among the variants whose TFLM arena fits it (or the smallest arena when none
     does), since DECODE buffers cost RAM.
     """
-    kinds = kinds_for(storage)  # an unknown storage is refused before any work
+    kinds = kinds_for(storage, sparse)  # an unknown storage is refused before any work
     reference_raw = run_tflm(converted if reference is None else reference, verify_x)
     variants = []
     for kind in kinds:

@@ -31,6 +31,7 @@ class StorageKind:
     description: str
     decoder: str | None = None  # the DECODE type the firmware needs for it (its code costs flash)
     in_auto: bool = True  # tried by --storage auto
+    sparse: bool = False  # pays on zeros and skewed values: auto tries it when the run prunes (--prune)
     # Kernel sets that hold a decoded or unpacked copy of each weight tensor in the arena at run time:
     # for them the exporter slices big tensors under the decode budget. CMSIS-NN reads INT4 as packed.
     buffers_on: tuple[str, ...] = ("reference", "cmsis-nn")

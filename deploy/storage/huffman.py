@@ -275,7 +275,8 @@ KIND = StorageKind(
     build,
     "a canonical Huffman code per tensor, table-driven; DECODE restores int8",
     decoder="HUFFMAN",
-    # Not in --storage auto yet: auto ranks by file bytes, which leave out the DECODE kernel's code and
-    # the decode time each Invoke pays (HUFFMAN: 2x the digits model's host latency).
+    # In --storage auto only when the run prunes (--prune): on dense weights it rarely beats LUT, and each
+    # Invoke pays its decode time (HUFFMAN: 2x the digits model's host latency).
     in_auto=False,
+    sparse=True,
 )

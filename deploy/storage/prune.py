@@ -150,7 +150,8 @@ KIND = StorageKind(
     build,
     "a mask bit per weight plus the non-zero values; DECODE restores int8",
     decoder="PRUNE",
-    # Not in --storage auto yet: auto ranks by file bytes, which leave out the DECODE kernel's code and
-    # the decode time each Invoke pays (HUFFMAN: 2x the digits model's host latency).
+    # In --storage auto only when the run prunes (--prune): on dense weights it rarely beats LUT, and each
+    # Invoke pays its decode time (HUFFMAN: 2x the digits model's host latency).
     in_auto=False,
+    sparse=True,
 )
