@@ -559,16 +559,17 @@ DROPPED_METADATA = (b"min_runtime_version", b"CONVERSION_METADATA")
 
 
 class _SharedVectors:
-    """A flatbuffers.Builder wrapper that writes the arrays named in `shared` once per distinct content.
+    """A flatbuffers.Builder wrapper that writes the arrays compact names once per content and kind.
 
     A flatbuffer table refers to its vectors by offset, so two tables may point at one vector; TFLM and
-    LiteRT read them through the offsets as before. compact names the zero points of 0 of the weight and
-    bias tensors (8 B per channel each, the converter writes one per tensor): their equality does not
-    depend on the trained values, so the stored size stays a function of the plan (deploy.storage.cost).
-    Scales and activation zero points match only by chance, shapes rarely (16-72 B on digits).
+    LiteRT read them through the offsets as before. `shared` maps an array's id to its kind: arrays of one
+    kind with equal content are written once. compact names only arrays whose equality does not depend on
+    the trained values (zero points of 0 of the weights and biases; shapes and tensor indices; one
+    activation's quantization around a pooling or reshape), so the stored size stays a function of the
+    plan (deploy.storage.cost). Scales and other zero points match by chance, and are written as they are.
     """
 
-    def __init__(self, size: int, shared: set[int]) -> None:
+    def __init__(self, size: int, shared: dict[int, object]) -> None:
         import flatbuffers
 
         self._b = flatbuffers.Builder(size)
@@ -579,12 +580,58 @@ class _SharedVectors:
         return getattr(self._b, name)
 
     def CreateNumpyVector(self, x: np.ndarray) -> int:  # noqa: N802 (the flatbuffers API's name)
-        if id(x) not in self._shared:
+        kind = self._shared.get(id(x))
+        if kind is None:
             return self._b.CreateNumpyVector(x)
-        key = (x.dtype.str, x.tobytes())
+        key = (kind, x.dtype.str, x.tobytes())
         if key not in self._seen:
             self._seen[key] = self._b.CreateNumpyVector(x)
         return self._seen[key]
+
+
+# Operators whose int8 inputs and output carry one quantization in TFLite (or, for CONCATENATION, in
+# the files the slicer writes: a sliced layer's slices and their join keep the layer's output's).
+SAME_QUANTIZATION = ("CONCATENATION", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
+
+
+def _structural_vectors(root) -> dict[int, object]:
+    """The ids of the arrays compact may write once per content: what the graph, not the weights, fixes.
+
+    Shapes (but of DECODE's inputs, whose sizes follow the bits) and the operators' and subgraphs'
+    tensor-index vectors; and, around the operators of SAME_QUANTIZATION, the activations' scale and zero
+    point vectors, made one array where they are equal.
+    """
+    codes = root.operatorCodes or []
+    decode = {i for i, c in enumerate(codes) if c.customCode == DECODE_OP.encode()}
+    same = {i for i, c in enumerate(codes) if _builtin(c) in SAME_QUANTIZATION}
+    shared: dict[int, object] = {}
+    for sg in root.subgraphs or []:
+        ops = sg.operators or []
+        encoded = {i for op in ops if op.opcodeIndex in decode for i in op.inputs}
+        vectors = [sg.inputs, sg.outputs, *(v for op in ops for v in (op.inputs, op.outputs))]
+        vectors += [t.shape for i, t in enumerate(sg.tensors or []) if i not in encoded]
+        shared.update((id(v), "index") for v in vectors if isinstance(v, np.ndarray) and v.dtype == np.int32)
+        for op in ops:
+            if op.opcodeIndex not in same:
+                continue
+            first: dict[tuple, object] = {}
+            for i in [*op.inputs, *op.outputs]:
+                q = sg.tensors[i].quantization if i >= 0 else None
+                if q is None or q.scale is None or q.zeroPoint is None:
+                    continue
+                key = (q.scale.tobytes(), q.zeroPoint.tobytes(), q.quantizedDimension)
+                if key in first:
+                    q.scale, q.zeroPoint = first[key].scale, first[key].zeroPoint
+                else:
+                    first[key] = q
+                    shared.update({id(q.scale): id(q.scale), id(q.zeroPoint): id(q.zeroPoint)})
+    return shared
+
+
+def _builtin(code) -> str:
+    """An OperatorCodeT's builtin operator name."""
+    b = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return _enum_names(_schema().BuiltinOperator).get(b, "")
 
 
 def _renumber_buffers(root, metadata: list) -> None:
@@ -613,52 +660,15 @@ def _renumber_buffers(root, metadata: list) -> None:
     root.buffers = new
 
 
-def _share_slice_outputs(root) -> set[int]:
-    """The ids of the arrays that equal outputs of a sliced layer now share: their shapes and quantization.
-
-    The slicer cuts a layer into output-channel slices joined by one CONCATENATION; every slice output
-    has the layer's output quantization and, but for the last, the same shape (about 36 B a slice).
-    """
-    concat = {i for i, c in enumerate(root.operatorCodes or []) if _builtin(c) == "CONCATENATION"}
-    shared: set[int] = set()
-    for sg in root.subgraphs or []:
-        for op in sg.operators or []:
-            if op.opcodeIndex not in concat:
-                continue
-            first: dict[tuple, object] = {}
-            for i in op.inputs:
-                t = sg.tensors[i]
-                q = t.quantization
-                if q is None or q.scale is None or q.zeroPoint is None or t.shape is None:
-                    continue
-                key = (t.type, t.shape.tobytes(), q.scale.tobytes(), q.zeroPoint.tobytes())
-                if key in first:
-                    model = first[key]
-                    t.shape, q.scale, q.zeroPoint = (
-                        model.shape,
-                        model.quantization.scale,
-                        model.quantization.zeroPoint,
-                    )
-                else:
-                    first[key] = t
-                    shared |= {id(t.shape), id(q.scale), id(q.zeroPoint)}
-    return shared
-
-
-def _builtin(code) -> str:
-    """An OperatorCodeT's builtin operator name."""
-    b = max(code.builtinCode, code.deprecatedBuiltinCode)
-    return _enum_names(_schema().BuiltinOperator).get(b, "")
-
-
 def compact(model_bytes: bytes) -> bytes:
-    """The same model with only what TFLM reads, each vector once (every export passes through it).
+    """The same model with only what TFLM reads, each structural vector once (every export passes here).
 
-    Drops tensor and subgraph names, the description, the signatures, the converter's metadata
-    (DROPPED_METADATA) and every buffer without data but buffer 0, and writes the zero points of 0 of the
-    weight and bias tensors once.
-    On the 4-bit digits model: 16,968 B -> 16,0xx B. Every stored variant is then checked bit for bit in
-    TFLM (deploy.storage.choose); LiteRT loads the int8 and INT4 results (tests/test_flatbuffer.py).
+    Drops tensor and subgraph names, has_rank flags, the description, the signatures, the converter's
+    metadata (DROPPED_METADATA) and every buffer without data but buffer 0; writes the weights' zero points
+    of 0, the shapes and index vectors, and the quantization a pooling or reshape passes on, once each
+    (see _SharedVectors). The 4-bit digits model (qiu, sliced): 16,968 B -> 15,312 B; LeNet-5's: 311,208
+    -> 304,232 B. Every stored variant is then checked bit for bit in TFLM (deploy.storage.choose); LiteRT
+    loads the int8 and INT4 results and computes what it did before (tests/test_flatbuffer.py).
     """
     schema = _schema()
     root = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
@@ -675,12 +685,14 @@ def compact(model_bytes: bytes) -> bytes:
         decoded = {o for op in sg.operators or [] if op.opcodeIndex in decode for o in op.outputs}
         for i, t in enumerate(sg.tensors or []):
             t.name = None
+            if t.shape is not None and len(t.shape):
+                t.hasRank = False  # LiteRT reads it only for a shape of unknown rank; TFLM never
             q, data = t.quantization, root.buffers[t.buffer].data
             weight = (data is not None and len(data) > 0) or i in decoded
             if weight and q is not None and q.zeroPoint is not None and not np.any(q.zeroPoint):
                 n = len(q.zeroPoint)
                 q.zeroPoint = zeros.setdefault(n, np.zeros(n, np.int64))
-    shared = {id(z) for z in zeros.values()} | _share_slice_outputs(root)
+    shared = {id(z): "zero points" for z in zeros.values()} | _structural_vectors(root)
     _renumber_buffers(root, kept)
     builder = _SharedVectors(len(model_bytes) + 1024, shared)
     builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
