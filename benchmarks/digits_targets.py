@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --runs {args.runs}: {', '.join(unknown)}; use some of {', '.join(RUNS)}", file=sys.stderr
         )
         return 2
+    started_at = commit()  # the code that runs: later commits must not relabel it
     t0 = time.monotonic()
     rows = []
     for seed in seeds:
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python benchmarks/digits_targets.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "commit": commit(),
+        "commit": started_at,
         "machine": machine(),
         "seeds": seeds,
         "seconds": round(time.monotonic() - t0, 1),

@@ -14,7 +14,8 @@ the pipeline's epochs: float 8, twin 5, QAT 2). Then, all from that one float mo
   (deploy.app.make_candidate, QAT from the float weights), then exported three ways: reference kernels
   with --storage auto and the default 16 KiB decode budget (slices: less unpack/decode RAM, more
   structure); reference kernels with --storage int4 unsliced (layers of > 4 bits stay INT8, which needs
-  no unpack scratch); CMSIS-NN kernels with --storage auto (INT4 read packed, not sliced).
+  no unpack scratch); CMSIS-NN kernels with --storage auto (INT4 read packed, not sliced) and with
+  --storage int4 (no DECODE buffers at all).
 
 Every model is scored in host TFLM over all 10,000 test images. Flash: the .tflite bytes (model) and
 the firmware flash = model + TFLM runtime + the model's kernels and decoders (deploy/firmware/code_size.json,
@@ -54,6 +55,7 @@ EXPORTS = (
     ("reference, auto, 16 KiB slices", "reference", 16 * 1024, "auto"),
     ("reference, int4, unsliced", "reference", None, "int4"),  # layers > 4 bits INT8: no unpack scratch
     ("cmsis-nn, auto", "cmsis-nn", 16 * 1024, "auto"),
+    ("cmsis-nn, int4", "cmsis-nn", None, "int4"),  # packed INT4 / INT8 weights: no decode buffers
 )
 KERNELS = ("reference", "cmsis-nn")
 
@@ -232,7 +234,7 @@ def markdown(res: dict) -> str:
         "device's on QEMU for the 4-bit model). edgeq rows: the planner (the run's default allocation) at "
         "each target, QAT'd once from the float weights, then exported for reference kernels with --storage "
         "auto at the 16 KiB decode budget and with --storage int4 unsliced, and for CMSIS-NN with --storage "
-        "auto (planned with the reference pricing). "
+        "auto and int4 (planned with the reference pricing). "
         "Peers: the converter's int8 PTQ and plain TF-MOT LastValueQuantizer QAT, converted as is.",
         "",
         "## Target: for every TF-MOT row, an edgeq model with >= its accuracy, <= its model flash and arena",
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.target import load_target
     from edgeq.pipeline import load_pipeline
 
+    started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
     log = lambda text: print(f"[{time.monotonic() - t_start:6.0f} s] {text}", flush=True)  # noqa: E731
     spec = load_pipeline(ROOT / "pipelines" / "mnist_lenet5.py")
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "command": "python benchmarks/lenet5_front.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": commit(),
+        "commit": started_at,
         "machine": machine(),
         "seed": args.seed,
         "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},

@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.target import load_target
     from edgeq.pipeline import load_pipeline
 
+    started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
     log = lambda text: print(f"[{time.monotonic() - t_start:6.0f} s] {text}", flush=True)  # noqa: E731
     spec = load_pipeline(ROOT / "pipelines" / "mnist_lenet5.py")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "command": "python benchmarks/lenet5_prune.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": commit(),
+        "commit": started_at,
         "machine": machine(),
         "seed": args.seed,
         "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
