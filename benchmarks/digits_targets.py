@@ -51,15 +51,20 @@ RUNS = {
 KERNELS = {"default": "reference", "cmsis-nn": "cmsis-nn", "budget": "reference"}
 
 
-def edgeq_run(label: str, seed: int, out: Path) -> dict:
-    """One `edgeq run` of the digits pipeline; what its report.json says."""
-    cmd = [sys.executable, "-m", "deploy.cli", "run", "pipelines/digits.py", "--seed", str(seed)]
-    cmd += [*RUNS[label], "--out", str(out), "--force"]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    seconds = round(time.monotonic() - t0, 1)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+def edgeq_run(label: str, seed: int, out: Path, reuse: bool = False) -> dict:
+    """One `edgeq run` of the digits pipeline (or, with reuse, the one already in out); its report."""
+    timing = out / "bench_seconds.json"
+    if reuse and (out / "report.json").is_file() and timing.is_file():
+        seconds = json.loads(timing.read_text())["seconds"]
+    else:
+        cmd = [sys.executable, "-m", "deploy.cli", "run", "pipelines/digits.py", "--seed", str(seed)]
+        cmd += [*RUNS[label], "--out", str(out), "--force"]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        seconds = round(time.monotonic() - t0, 1)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd[2:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        timing.write_text(json.dumps({"seconds": seconds}))
     rep = json.loads((out / "report.json").read_text())
     dep, tgt = rep["models"]["deployed"], rep["target"]
     fw = tgt.get("firmware") or {}
@@ -138,7 +143,7 @@ def targets(rows: list[dict]) -> list[dict]:
     """The issue's digits targets, each with what was measured."""
     out = []
     for label in ("default", "cmsis-nn"):
-        sel = [r for r in rows if r["run"] == label] if rows else []
+        sel = [r for r in rows if r.get("run") == label]
         if not sel:
             continue
         kernels = KERNELS[label]
@@ -153,7 +158,7 @@ def targets(rows: list[dict]) -> list[dict]:
             {"target": f"{label} run: arena <= int8 PTQ's + 1 KB ({kernels} kernels: {int8:,} + 1,024 B)",
              "measured": f"{arena:,} B (max)", "met": arena <= int8 + 1024},
         ]  # fmt: skip
-    sel = [r for r in rows if r["run"] == "budget"]
+    sel = [r for r in rows if r.get("run") == "budget"]
     if sel:
         worst = min(r["tflm_accuracy"] for r in sel)
         slowest = max(r["seconds"] for r in sel)
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="default,cmsis-nn,budget", help=f"edgeq runs: {', '.join(RUNS)}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeq_digits_targets"), help="run folders")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    ap.add_argument(
+        "--reuse", action="store_true", help="read the runs already in --work instead of rerunning"
+    )
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     bits = [int(b) for b in args.bits.split(",")]
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in seeds:
         for label in labels:
-            r = edgeq_run(label, seed, args.work / f"{label}_s{seed}")
+            r = edgeq_run(label, seed, args.work / f"{label}_s{seed}", args.reuse)
             rows.append(r)
             line = f"seed {seed} {label:8s} TFLM {r['tflm_accuracy']:6.2f} model {r['model_bytes']:,} "
             print(
