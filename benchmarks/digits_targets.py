@@ -193,8 +193,8 @@ def markdown(res: dict) -> str:
         "Model = .tflite bytes; code = TFLM runtime + the model's kernels and decoders on a Cortex-M4 "
         "(measured table, deploy/firmware/code_size.json); firmware flash = model + code. Arena for the "
         "row's kernel set: reference = host TFLM's figure; cmsis-nn = host TFLM without the INT4 unpack "
-        "scratch (QEMU measured 4,260 B on the device for the 4-bit model against this 4,592 B estimate "
-        "before compaction: benchmarks/results/qemu_firmware.md).",
+        "scratch (conservative: QEMU measured 4,260 B on the Cortex-M4 for the digits 4-bit model, "
+        "benchmarks/results/qemu_firmware.md). Run seconds: wall time of each `edgeq run` subprocess.",
         "",
         "## Targets",
         "",
