@@ -177,6 +177,8 @@ def _bytes(values: list[int]) -> str:
 
 
 def markdown(res: dict) -> str:
+    from lenet5_front import target_lines
+
     m = res["machine"]
     lines = [
         "# Digits: issue 19's targets, `edgeq run` beside int8 PTQ and TF-MOT uniform QAT",
@@ -196,11 +198,7 @@ def markdown(res: dict) -> str:
         "scratch (conservative: QEMU measured 4,260 B on the Cortex-M4 for the digits 4-bit model, "
         "benchmarks/results/qemu_firmware.md). Run seconds: wall time of each `edgeq run` subprocess.",
         "",
-        "## Targets",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-        *[f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in res["targets"]],
+        *target_lines(res["targets"]),
         "",
         "## Over seeds",
         "",

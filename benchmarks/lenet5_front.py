@@ -30,6 +30,8 @@ model flash and its arena, on the same kernel set. Writes benchmarks/results/len
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import sys
@@ -102,17 +104,30 @@ def peer_rows(trained, spec, seed: int, bits_list: list[int], score, log) -> lis
         t0 = time.monotonic()
         qat = tfmot_qat(trained.float_model, bits)
         qat_fit(qat, trained.splits, spec, seed)
-        models.append((f"TF-MOT uniform {bits}-bit QAT", bits, convert(qat, trained.splits.x_train),
-                       time.monotonic() - t0))  # fmt: skip
+        models.append(
+            (
+                f"TF-MOT uniform {bits}-bit QAT",
+                bits,
+                convert(qat, trained.splits.x_train),
+                time.monotonic() - t0,
+            )
+        )
     rows = []
     for name, bits, model, qat_s in models:
         acc = score(model)
         for kernels in KERNELS:
-            rows.append({
-                "row": name, "kind": "peer", "bits": bits, "kernels": kernels, "tflm_accuracy": acc,
-                "storage": "/".join(sorted({t.stored_type for t in weight_tensors(model)})),
-                "qat_seconds": round(qat_s, 1), **sizes(model, kernels),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "row": name,
+                    "kind": "peer",
+                    "bits": bits,
+                    "kernels": kernels,
+                    "tflm_accuracy": acc,
+                    "storage": "/".join(sorted({t.stored_type for t in weight_tensors(model)})),
+                    "qat_seconds": round(qat_s, 1),
+                    **sizes(model, kernels),
+                }
+            )
             log(_line(rows[-1]))
     return rows
 
@@ -136,21 +151,33 @@ def edgeq_rows(trained, spec, base, targets: list[float], verify_rows: int, scor
             # is each deployed model's own over all 10,000
             ex = export(cand.qat, s.x_train, s.x_test[:verify_rows], options)
             model = ex.deployed.model
-            rows.append({
-                "row": f"edgeq planner, target {target_bits:g}", "kind": "edgeq", "export": label,
-                "target_bits": target_bits, "kernels": kernels, "decode_budget": budget,
-                "bits": dict(cand.plan.bits), "mean_bits": round(cand.plan.mean_bits(trained.sizes), 3),
-                "storage": ex.deployed.kind, "sliced": ex.sliced is not None,
-                "tflm_accuracy": score(model), "qat_seconds": round(qat_s, 1), **sizes(model, kernels),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "row": f"edgeq planner, target {target_bits:g}",
+                    "kind": "edgeq",
+                    "export": label,
+                    "target_bits": target_bits,
+                    "kernels": kernels,
+                    "decode_budget": budget,
+                    "bits": dict(cand.plan.bits),
+                    "mean_bits": round(cand.plan.mean_bits(trained.sizes), 3),
+                    "storage": ex.deployed.kind,
+                    "sliced": ex.sliced is not None,
+                    "tflm_accuracy": score(model),
+                    "qat_seconds": round(qat_s, 1),
+                    **sizes(model, kernels),
+                }
+            )
             log(_line(rows[-1]))
     return rows
 
 
 def _line(r: dict) -> str:
     where = r.get("export", r["kernels"])
-    return (f"{r['row']:>32} [{where}]: TFLM {r['tflm_accuracy']:.2f}%, model {r['model_bytes']:,} B, "
-            f"firmware {r['firmware_flash_bytes']:,} B, arena {r['arena_bytes']:,} B")  # fmt: skip
+    return (
+        f"{r['row']:>32} [{where}]: TFLM {r['tflm_accuracy']:.2f}%, model {r['model_bytes']:,} B, "
+        f"firmware {r['firmware_flash_bytes']:,} B, arena {r['arena_bytes']:,} B"
+    )
 
 
 def dominating(peer: dict, mine: list[dict]) -> dict | None:
@@ -158,10 +185,13 @@ def dominating(peer: dict, mine: list[dict]) -> dict | None:
 
     Among those, the smallest model flash (ties: the higher accuracy)."""
     ok = [
-        r for r in mine
-        if r["kernels"] == peer["kernels"] and r["tflm_accuracy"] >= peer["tflm_accuracy"]
-        and r["model_bytes"] <= peer["model_bytes"] and r["arena_bytes"] <= peer["arena_bytes"]
-    ]  # fmt: skip
+        r
+        for r in mine
+        if r["kernels"] == peer["kernels"]
+        and r["tflm_accuracy"] >= peer["tflm_accuracy"]
+        and r["model_bytes"] <= peer["model_bytes"]
+        and r["arena_bytes"] <= peer["arena_bytes"]
+    ]
     return min(ok, key=lambda r: (r["model_bytes"], -r["tflm_accuracy"])) if ok else None
 
 
@@ -195,10 +225,15 @@ def plot(path: Path, rows: list[dict]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kernels in zip(axes, KERNELS, strict=True):
-        for kind, marker, label in (("peer", "s", "int8 PTQ / TF-MOT uniform QAT"),
-                                    ("edgeq", "o", "edgeq planner")):  # fmt: skip
-            pts = sorted((r["model_bytes"], r["tflm_accuracy"], r) for r in rows
-                         if r["kind"] == kind and r["kernels"] == kernels)  # fmt: skip
+        for kind, marker, label in (
+            ("peer", "s", "int8 PTQ / TF-MOT uniform QAT"),
+            ("edgeq", "o", "edgeq planner"),
+        ):
+            pts = sorted(
+                (r["model_bytes"], r["tflm_accuracy"], r)
+                for r in rows
+                if r["kind"] == kind and r["kernels"] == kernels
+            )
             xs, ys = [p[0] / 1024 for p in pts], [p[1] for p in pts]
             ax.plot(xs, ys, marker=marker, linestyle="--" if kind == "peer" else "-", label=label)
             for x, y, r in pts:
@@ -247,8 +282,14 @@ def markdown(res: dict) -> str:
     for v in res["verdicts"]:
         p = peers[(v["peer"], v["kernels"])]
         d = v["edgeq"]
-        mine = "—" if d is None else (f"{d['tflm_accuracy']:.2f} / {d['model_bytes']:,} / "
-                                      f"{d['firmware_flash_bytes']:,} / {d['arena_bytes']:,}")  # fmt: skip
+        mine = (
+            "—"
+            if d is None
+            else (
+                f"{d['tflm_accuracy']:.2f} / {d['model_bytes']:,} / "
+                f"{d['firmware_flash_bytes']:,} / {d['arena_bytes']:,}"
+            )
+        )
         lines.append(
             f"| {v['peer']} | {v['kernels']} | {p['tflm_accuracy']:.2f} / {p['model_bytes']:,} / "
             f"{p['arena_bytes']:,} | {d['row'] if d else 'none'} | {d['export'] if d else ''} | {mine} | "
@@ -265,8 +306,11 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
-        bits = (", ".join(str(b) for b in r["bits"].values()) + f" (mean {r['mean_bits']})"
-                if isinstance(r["bits"], dict) else str(r["bits"]))  # fmt: skip
+        bits = (
+            ", ".join(str(b) for b in r["bits"].values()) + f" (mean {r['mean_bits']})"
+            if isinstance(r["bits"], dict)
+            else str(r["bits"])
+        )
         where = r.get("export", r["kernels"])
         lines.append(
             f"| {r['row']} | {where} | {bits} | {r['storage']}{', sliced' if r.get('sliced') else ''} | "
@@ -274,6 +318,43 @@ def markdown(res: dict) -> str:
             f"{r['arena_bytes']:,} | {r['arena_host_bytes']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    """A results file's '## Targets' table: each target, what was measured, met or not."""
+    return [
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *[f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in targets],
+    ]
+
+
+@contextlib.contextmanager
+def trained_lenet(data: str, seed: int, epochs: int | None, qat_epochs: int | None = None):
+    """The LeNet-5 pipeline's float model and twin trained once: (spec, run options, trained, float %)."""
+    from deploy.app import RunOptions, prepare, train_pipeline
+    from deploy.target import load_target
+    from edgeq.pipeline import load_pipeline
+
+    spec = load_pipeline(ROOT / "pipelines" / "mnist_lenet5.py")
+    with tempfile.TemporaryDirectory(prefix="edgeq-lenet-") as tmp:
+        base = RunOptions(
+            out=Path(tmp) / "run",
+            seed=seed,
+            data=data,
+            method="planner",
+            epochs=epochs,
+            target=load_target(kernels="reference"),
+        )
+        spec, _, _ = prepare(spec, base)
+        if qat_epochs is not None:
+            spec = dataclasses.replace(spec, qat_epochs=qat_epochs)
+        trained = train_pipeline(spec, base)
+        s = trained.splits
+        pred = trained.float_model.predict(s.x_test, verbose=0).argmax(1)
+        yield spec, base, trained, 100.0 * float(np.mean(pred == s.y_test))
 
 
 def beside() -> str:
@@ -304,25 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     targets = [float(t) for t in args.targets.split(",")]
     bits = [int(b) for b in args.bits.split(",")]
 
-    from deploy.app import RunOptions, prepare, train_pipeline
-    from deploy.target import load_target
-    from edgeq.pipeline import load_pipeline
-
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
     log = lambda text: print(f"[{time.monotonic() - t_start:6.0f} s] {text}", flush=True)  # noqa: E731
-    spec = load_pipeline(ROOT / "pipelines" / "mnist_lenet5.py")
-    with tempfile.TemporaryDirectory(prefix="edgeq-front-") as tmp:
-        base = RunOptions(out=Path(tmp) / "run", seed=args.seed, data=args.data, method="planner",
-                          epochs=args.epochs, target=load_target(kernels="reference"))  # fmt: skip
-        spec, _, _ = prepare(spec, base)
-        trained = train_pipeline(spec, base)
+    with trained_lenet(args.data, args.seed, args.epochs) as (spec, base, trained, float_acc):
         log("trained the float model and its twin")
         s = trained.splits
         score = Scorer(s.x_test, s.y_test)
-        float_acc = 100.0 * float(
-            np.mean(trained.float_model.predict(s.x_test, verbose=0).argmax(1) == s.y_test)
-        )
         rows = peer_rows(trained, spec, args.seed, bits, score, log)
         mine = edgeq_rows(trained, spec, base, targets, args.verify_rows, score, log)
     out = Path(args.out)

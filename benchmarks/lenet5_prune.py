@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +99,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(res: dict) -> str:
+    from lenet5_front import target_lines
+
     m, e = res["machine"], res["epochs"]
     lines = [
         "# LeNet-5/MNIST with `--prune`: pruned, entropy-coded weights in TFLM (issue 18)",
@@ -118,11 +119,7 @@ def markdown(res: dict) -> str:
         "host TFLM median of 50 invokes. Packing limit = the plan's bits at fixed width; entropy limit = "
         "sum of n x H(stored integers) / 8 plus the biases.",
         "",
-        "## Targets",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-        *[f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in res["targets"]],
+        *target_lines(res["targets"]),
         "",
         "## Every variant",
         "",
@@ -206,7 +203,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lenet5_front import Scorer, beside, peer_rows
+    from lenet5_front import Scorer, beside, peer_rows, trained_lenet
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(MNIST), help="MNIST .npz in the keras layout")
@@ -225,34 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     fractions = [float(f) for f in args.prune.split(",")]
     targets_bits = [float(t) for t in args.targets.split(",")]
 
-    import numpy as np
-
-    from deploy.app import RunOptions, make_candidate, prepare, train_pipeline
-    from deploy.target import load_target
-    from edgeq.pipeline import load_pipeline
+    from deploy.app import make_candidate
 
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
     log = lambda text: print(f"[{time.monotonic() - t_start:6.0f} s] {text}", flush=True)  # noqa: E731
-    spec = load_pipeline(ROOT / "pipelines" / "mnist_lenet5.py")
-    with tempfile.TemporaryDirectory(prefix="edgeq-prune-") as tmp:
-        base = RunOptions(
-            out=Path(tmp) / "run",
-            seed=args.seed,
-            data=args.data,
-            method="planner",
-            epochs=args.epochs,
-            target=load_target(kernels="reference"),
-        )
-        spec, _, _ = prepare(spec, base)
-        if args.qat_epochs is not None:
-            spec = dataclasses.replace(spec, qat_epochs=args.qat_epochs)
-        trained = train_pipeline(spec, base)
+    with trained_lenet(args.data, args.seed, args.epochs, args.qat_epochs) as (
+        spec,
+        base,
+        trained,
+        float_acc,
+    ):
         s = trained.splits
         log("trained the float model and its twin")
-        float_acc = 100.0 * float(
-            np.mean(trained.float_model.predict(s.x_test, verbose=0).argmax(1) == s.y_test)
-        )
         score = Scorer(s.x_test, s.y_test)
         peers = peer_rows(trained, spec, args.seed, [int(b) for b in args.bits.split(",")], score, log)
         # export verifies each variant on verify_rows test images; accuracy below is over all of them
