@@ -121,6 +121,7 @@ def test_prune_in_the_run_zeroes_each_layer_and_tries_the_sparse_storages(pruned
     assert {"int4", "lut", "prune", "huffman"} <= set(variants)
     assert variants["huffman"] < variants["int4"]
     assert "## Pruning (--prune 0.6" in (pruned_run / "report.md").read_text()
+    assert "Pruning (--prune 0.6" in (pruned_run / "report.html").read_text()
 
 
 @pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "half", "nan"])

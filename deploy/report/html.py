@@ -110,6 +110,20 @@ def _storage(b: dict) -> str:
     return "<h2>Storage per tensor</h2>" + _table(head, rows)
 
 
+def _pruning(b: dict) -> str:
+    pr = b.get("pruning")
+    if not pr:
+        return ""
+    rows = [
+        [r["name"], f"{r['weights']:,}", f"{r['zeros']:,}", f"{r['sparsity']:.1%}", r["bits"],
+         f"{r['fixed_width_bytes']:,}", f"{r['entropy_bytes']:,}"]
+        for r in pr["layers"]
+    ]  # fmt: skip
+    head = ["layer", "weights", "zeros", "sparsity", "bits", "fixed-width B", "entropy B"]
+    title = f"<h2>Pruning (--prune {pr['fraction']:g}, deployed as {_e(pr['storage'])})</h2>"
+    return title + f"<p>{_e(pr['policy'])}; kept at zero through QAT.</p>" + _table(head, rows)
+
+
 def _search(rep: Report) -> str:
     if rep.search is None:
         return ""
@@ -164,6 +178,7 @@ def render(rep: Report, folder: Path) -> str:
         _plan(b),
         _img(folder, "bits_per_layer.png", "bits per layer"),
         _storage(b),
+        _pruning(b),
         _search(rep),
         _img(folder, "pareto.png", "Pareto front") if rep.search is not None else "",
         _device(rep),
