@@ -87,6 +87,18 @@ def check_target_bits(bits: float) -> float:
     return float(bits)
 
 
+def check_prune(fraction: float | None) -> float | None:
+    """--prune: None (no pruning) or a fraction of each layer's weights in [0, 1)."""
+    if fraction is None:
+        return None
+    if not (np.isfinite(fraction) and 0.0 <= fraction < 1.0):
+        raise PlanError(
+            f"--prune {fraction:g} is outside [0, 1); pass the fraction of each layer's weights to zero, "
+            "e.g. 0.5, or none"
+        )
+    return float(fraction) or None
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One bit plan carried through QAT and export: what a search compares and a run deploys."""
@@ -116,6 +128,7 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
     target = check_target_bits(opts.target_bits if opts.target_bits is not None else spec.target_bits)
     method = check_method(opts.method or spec.method or DEFAULT_METHOD).name
     check_storage(opts.storage)
+    check_prune(opts.prune)
     check_spec(spec, opts.data)
     if opts.epochs is not None:
         if opts.epochs < 1:

@@ -101,7 +101,7 @@ def _options(args: argparse.Namespace):
 
 def _prune(text: str) -> float | None:
     """--prune: none, or a fraction of each layer's weights in [0, 1)."""
-    from edgeq.prune import check_fraction
+    from deploy.app import check_prune
 
     if str(text).strip().lower() in ("none", "0", ""):
         return None
@@ -109,7 +109,7 @@ def _prune(text: str) -> float | None:
         value = float(text)
     except ValueError as e:
         raise EdgeqError(f"--prune {text!r} is not a fraction; pass e.g. 0.5, or none") from e
-    return check_fraction(value)
+    return check_prune(value)
 
 
 def _sweep_targets(text: str) -> tuple[float, ...]:

@@ -44,16 +44,6 @@ def informativeness_masks(posteriors: list[LayerPosterior], sparsity: float) -> 
     return masks
 
 
-def check_fraction(fraction: float) -> float:
-    """A pruning fraction in [0, 1), or PruningError saying what to pass."""
-    if not (np.isfinite(fraction) and 0.0 <= fraction < 1.0):
-        raise PruningError(
-            f"--prune {fraction:g} is outside [0, 1); pass the fraction of each layer's weights to zero, "
-            "e.g. 0.5, or none"
-        )
-    return float(fraction)
-
-
 class KeepMasks(keras.callbacks.Callback):
     """Re-applies fixed weight masks after every batch, so pruned weights stay zero (QAT included)."""
 
