@@ -893,8 +893,11 @@ class QemuBoard:
             s = text.split(bytes([MAGIC]))[0].decode("ascii", "replace")
             self.boot_text = s
             done = s.endswith("\n") or not alive  # a whole line, or nothing more will come
-            # The fault handler also writes its line to QEMU's log (semihosting) before QEMU exits.
-            said = s if "edgeq: fault" in s or alive else self._log()
+            # The fault handler also writes its line to QEMU's log (semihosting) before QEMU exits. Once
+            # QEMU is gone that copy is the one to trust: QEMU can exit before the UART's last bytes reach
+            # the pty (seen here: "edgeq: fault, exception 0x000").
+            log = "" if alive else self._log()
+            said = log if "edgeq: fault" in log else s
             if "edgeq: fault" in said and done:
                 line = said[said.index("edgeq: fault") :].strip().splitlines()[0]
                 raise QemuError(f"the firmware faulted under QEMU ({self.elf}): {line}")
