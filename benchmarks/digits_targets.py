@@ -95,11 +95,11 @@ def edgeq_run(label: str, seed: int, out: Path, reuse: bool = False) -> dict:
 def peer_rows(seed: int, run_dir: Path, bits_list: list[int]) -> list[dict]:
     """int8 PTQ and TF-MOT uniform QAT of this seed's float model, for both kernel sets."""
     import tf_keras as keras
+    from lenet5_front import sizes
     from lowbit_qat import qat_fit, tfmot_qat
 
     from deploy.export import convert
-    from deploy.firmware.code_size import model_code
-    from deploy.measure.tflm import arena_bytes, kernel_set_arena, run_tflm
+    from deploy.measure.tflm import run_tflm
     from edgeq.pipeline import load_pipeline, load_splits
 
     spec = load_pipeline(ROOT / "pipelines" / "digits.py")
@@ -113,12 +113,12 @@ def peer_rows(seed: int, run_dir: Path, bits_list: list[int]) -> list[dict]:
     rows = []
     for name, bits, model in models:
         acc = round(100.0 * float((run_tflm(model, splits.x_test).argmax(1) == splits.y_test).mean()), 2)
-        host = arena_bytes(model)
         for kernels in ("reference", "cmsis-nn"):
+            size = sizes(model, kernels)
+            code = size["firmware_flash_bytes"] - size["model_bytes"]
             rows.append({
                 "row": name, "seed": seed, "bits": bits, "kernels": kernels, "tflm_accuracy": acc,
-                "model_bytes": len(model), "code_bytes": model_code(model, kernels).total,
-                "arena_bytes": kernel_set_arena(model, kernels, host),
+                "code_bytes": code, **size,
             })  # fmt: skip
     return rows
 

@@ -369,18 +369,30 @@ def beside() -> str:
     return "; ".join(f"`{b}`" for b in busy[:4]) or "nothing else at >= 20% CPU"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def lenet_parser(doc: str, targets: str, bits: str) -> argparse.ArgumentParser:
+    """The flags the LeNet-5 benchmarks share: data, planner targets, TF-MOT bits, seed, epochs, rows, out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--data", default=str(MNIST), help="MNIST .npz in the keras layout")
-    ap.add_argument("--targets", default="2,3,4,6,8", help="planner targets (mean bits)")
-    ap.add_argument("--bits", default="8,4,3,2", help="TF-MOT uniform QAT bit widths")
+    ap.add_argument("--targets", default=targets, help="planner targets (mean bits)")
+    ap.add_argument("--bits", default=bits, help="TF-MOT uniform QAT bit widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--verify-rows", type=int, default=500, help="test images each export verifies on")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for lenet5_front.md/.json/.png")
-    args = ap.parse_args(argv)
-    if not Path(args.data).is_file():
-        print(f"error: no MNIST file at {args.data}; pass --data mnist.npz", file=sys.stderr)
+    ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    return ap
+
+
+def missing_data(path: str) -> bool:
+    """True (and the one-line error printed) when the MNIST file is not there."""
+    if Path(path).is_file():
+        return False
+    print(f"error: no MNIST file at {path}; pass --data mnist.npz", file=sys.stderr)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = lenet_parser(__doc__, targets="2,3,4,6,8", bits="8,4,3,2").parse_args(argv)
+    if missing_data(args.data):
         return 2
     targets = [float(t) for t in args.targets.split(",")]
     bits = [int(b) for b in args.bits.split(",")]

@@ -22,7 +22,6 @@ the plan's fixed-width packing limit. Writes benchmarks/results/lenet5_prune.md 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -38,7 +37,6 @@ from provenance import commit, machine  # noqa: E402
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.io import atomic_write_text  # noqa: E402
 
-MNIST = Path("/work/shared/data/mnist.npz")
 FLASH_TARGET, ARENA_TARGET, ACC_TARGET = 80 * 1024, 64 * 1024, 99.3
 
 
@@ -203,21 +201,13 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lenet5_front import Scorer, beside, peer_rows, trained_lenet
+    from lenet5_front import Scorer, beside, lenet_parser, missing_data, peer_rows, trained_lenet
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(MNIST), help="MNIST .npz in the keras layout")
+    ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
     ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions")
-    ap.add_argument("--targets", default="3,2", help="planner targets (mean bits)")
-    ap.add_argument("--bits", default="4,3,2", help="TF-MOT uniform QAT peers")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the pipeline's)")
-    ap.add_argument("--verify-rows", type=int, default=500, help="test images each export verifies on")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
     args = ap.parse_args(argv)
-    if not Path(args.data).is_file():
-        print(f"error: no MNIST file at {args.data}; pass --data mnist.npz", file=sys.stderr)
+    if missing_data(args.data):
         return 2
     fractions = [float(f) for f in args.prune.split(",")]
     targets_bits = [float(t) for t in args.targets.split(",")]

@@ -204,9 +204,10 @@ def make_candidate(
     if masks:
         from edgeq.prune import KeepMasks, apply_masks
 
-        apply_masks(qat, masks)
+        # KeepMasks zeroes the pruned weights when the fit begins and after every batch; once more after
+        # bake_levels, since a level grid need not hold 0
         fine_tune(qat, trained.splits, spec, qat_epochs, [KeepMasks(masks)])
-        apply_masks(qat, masks)  # after bake_levels: a level grid need not hold 0
+        apply_masks(qat, masks)
     else:
         fine_tune(qat, trained.splits, spec, qat_epochs)
     on_stage("export", f"converting, slicing and storing the weights ({opts.storage})")

@@ -594,16 +594,15 @@ class _SharedVectors:
 SAME_QUANTIZATION = ("CONCATENATION", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
 
 
-def _structural_vectors(root) -> dict[int, object]:
+def _structural_vectors(root, codes: list[str]) -> dict[int, object]:
     """The ids of the arrays compact may write once per content: what the graph, not the weights, fixes.
 
     Shapes (but of DECODE's inputs, whose sizes follow the bits) and the operators' and subgraphs'
     tensor-index vectors; and, around the operators of SAME_QUANTIZATION, the activations' scale and zero
-    point vectors, made one array where they are equal.
+    point vectors, made one array where they are equal. codes: the model's operator names (_opcode_names).
     """
-    codes = root.operatorCodes or []
-    decode = {i for i, c in enumerate(codes) if c.customCode == DECODE_OP.encode()}
-    same = {i for i, c in enumerate(codes) if _builtin(c) in SAME_QUANTIZATION}
+    decode = {i for i, c in enumerate(codes) if c == DECODE_OP}
+    same = {i for i, c in enumerate(codes) if c in SAME_QUANTIZATION}
     shared: dict[int, object] = {}
     for sg in root.subgraphs or []:
         ops = sg.operators or []
@@ -626,12 +625,6 @@ def _structural_vectors(root) -> dict[int, object]:
                     first[key] = q
                     shared.update({id(q.scale): id(q.scale), id(q.zeroPoint): id(q.zeroPoint)})
     return shared
-
-
-def _builtin(code) -> str:
-    """An OperatorCodeT's builtin operator name."""
-    b = max(code.builtinCode, code.deprecatedBuiltinCode)
-    return _enum_names(_schema().BuiltinOperator).get(b, "")
 
 
 def _renumber_buffers(root, metadata: list) -> None:
@@ -679,7 +672,8 @@ def compact(model_bytes: bytes) -> bytes:
     # One all-zero zero-point array per length for the weight and bias tensors: the constants and what
     # DECODE outputs (a decoded weight takes over its quantization).
     zeros: dict[int, np.ndarray] = {}
-    decode = {i for i, c in enumerate(root.operatorCodes or []) if c.customCode == DECODE_OP.encode()}
+    codes = _opcode_names(root)
+    decode = {i for i, c in enumerate(codes) if c == DECODE_OP}
     for sg in root.subgraphs or []:
         sg.name = None
         decoded = {o for op in sg.operators or [] if op.opcodeIndex in decode for o in op.outputs}
@@ -692,22 +686,27 @@ def compact(model_bytes: bytes) -> bytes:
             if weight and q is not None and q.zeroPoint is not None and not np.any(q.zeroPoint):
                 n = len(q.zeroPoint)
                 q.zeroPoint = zeros.setdefault(n, np.zeros(n, np.int64))
-    shared = {id(z): "zero points" for z in zeros.values()} | _structural_vectors(root)
+    shared = {id(z): "zero points" for z in zeros.values()} | _structural_vectors(root, codes)
     _renumber_buffers(root, kept)
     builder = _SharedVectors(len(model_bytes) + 1024, shared)
     builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
 
 
+def entropy_bytes(values: np.ndarray) -> float:
+    """n * H(values) / 8: the bytes an ideal entropy coder needs for these integers."""
+    vals = np.asarray(values).reshape(-1)
+    _, counts = np.unique(vals, return_counts=True)
+    p = counts / vals.size
+    return vals.size * float(-(p * np.log2(p)).sum()) / 8
+
+
 def entropy_limit(model_bytes: bytes) -> int:
-    """sum over weight tensors of n * H(values) / 8, plus 4 bytes per output channel's int32 bias.
+    """sum over weight tensors of entropy_bytes, plus 4 bytes per output channel's int32 bias.
 
     The floor an ideal entropy coder reaches on the stored integers, beside the fixed-width packing limit.
     """
     total = 0.0
     for t, _ in weight_inputs(read(model_bytes)):
-        vals = tensor_values(t).reshape(-1)
-        _, counts = np.unique(vals, return_counts=True)
-        p = counts / vals.size
-        total += vals.size * float(-(p * np.log2(p)).sum()) / 8 + 4 * int(t.shape[0])
+        total += entropy_bytes(tensor_values(t)) + 4 * int(t.shape[0])
     return int(np.ceil(total))

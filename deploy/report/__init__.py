@@ -125,7 +125,7 @@ def _pruning_section(f: RunFacts) -> dict:
     """--prune: per planned layer, its zeros in the converted model and what fixed width and an ideal
     entropy coder would store it in (the deployed file's total is in models.deployed)."""
     from deploy.export.slicing import layer_name
-    from deploy.flatbuffer import read, tensor_values, weight_inputs
+    from deploy.flatbuffer import entropy_bytes, read, tensor_values, weight_inputs
 
     plan = f.candidate.plan
     layers = []
@@ -134,8 +134,6 @@ def _pruning_section(f: RunFacts) -> dict:
         if name not in plan.layers:
             continue
         vals = tensor_values(t).reshape(-1)
-        _, counts = np.unique(vals, return_counts=True)
-        p = counts / vals.size
         bits = plan.layers[name].bits
         layers.append(
             {
@@ -145,7 +143,7 @@ def _pruning_section(f: RunFacts) -> dict:
                 "sparsity": _r(float(np.mean(vals == 0)), 4),
                 "bits": bits,
                 "fixed_width_bytes": int(np.ceil(vals.size * bits / 8)),
-                "entropy_bytes": int(np.ceil(vals.size * float(-(p * np.log2(p)).sum()) / 8)),
+                "entropy_bytes": int(np.ceil(entropy_bytes(vals))),
             }
         )
     return {
