@@ -132,7 +132,9 @@ def peer_rows(trained, spec, seed: int, bits_list: list[int], score, log) -> lis
     return rows
 
 
-def edgeq_rows(trained, spec, base, targets: list[float], verify_rows: int, score, log) -> list[dict]:
+def edgeq_rows(
+    trained, spec, base, targets: list[float], verify_rows: int, score, log, exports=EXPORTS
+) -> list[dict]:
     """The planner at each target, QAT'd once, exported for every (kernel set, decode budget)."""
     from deploy.app import make_candidate
     from deploy.export import ExportOptions, export
@@ -144,7 +146,7 @@ def edgeq_rows(trained, spec, base, targets: list[float], verify_rows: int, scor
         t0 = time.monotonic()
         cand = make_candidate(trained, spec, base, "planner", target_bits, spec.qat_epochs)
         qat_s = time.monotonic() - t0
-        for label, kernels, budget, storage in EXPORTS:
+        for label, kernels, budget, storage in exports:
             t = load_target(kernels=kernels, decode_budget=budget if budget else "none")
             options = ExportOptions(storage, t.decode_budget, t.model_ram, kernels=kernels, count_code=True)
             # every variant is checked bit for bit in TFLM on verify_rows test images; the accuracy below
@@ -216,7 +218,7 @@ def verdicts(peers: list[dict], mine: list[dict]) -> list[dict]:
     return out
 
 
-def plot(path: Path, rows: list[dict]) -> None:
+def plot(path: Path, rows: list[dict], title: str = "LeNet-5/MNIST", n_test: int = 10_000) -> None:
     """TFLM accuracy against model flash, one panel per kernel set: edgeq's front and TF-MOT's."""
     import matplotlib
 
@@ -226,24 +228,38 @@ def plot(path: Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kernels in zip(axes, KERNELS, strict=True):
         for kind, marker, label in (
+            ("reference", "*", "reference model"),
             ("peer", "s", "int8 PTQ / TF-MOT uniform QAT"),
             ("edgeq", "o", "edgeq planner"),
         ):
+            if not any(r["kind"] == kind for r in rows):
+                continue
             pts = sorted(
-                (r["model_bytes"], r["tflm_accuracy"], r)
-                for r in rows
-                if r["kind"] == kind and r["kernels"] == kernels
+                (
+                    (r["model_bytes"], r["tflm_accuracy"], r)
+                    for r in rows
+                    if r["kind"] == kind and r["kernels"] == kernels
+                ),
+                key=lambda p: p[:2],
             )
             xs, ys = [p[0] / 1024 for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker=marker, linestyle="--" if kind == "peer" else "-", label=label)
+            style = {"peer": "--", "edgeq": "-"}.get(kind, "none")
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                linestyle=style,
+                markersize=10 if kind == "reference" else 6,
+                label=label,
+            )
             for x, y, r in pts:
-                tag = f"{r['bits']}b" if kind == "peer" else f"t{r['target_bits']:g}"
+                tag = f"t{r['target_bits']:g}" if kind == "edgeq" else f"{r['bits']}b"
                 ax.annotate(tag, (x / 1024, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("model flash (KiB, .tflite)")
-        ax.set_title(f"LeNet-5/MNIST, {kernels} kernels")
+        ax.set_title(f"{title}, {kernels} kernels")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("TFLM accuracy, 10,000 test images (%)")
+    axes[0].set_ylabel(f"TFLM accuracy, {n_test:,} test images (%)")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -332,14 +348,16 @@ def target_lines(targets: list[dict]) -> list[str]:
 
 
 @contextlib.contextmanager
-def trained_lenet(data: str, seed: int, epochs: int | None, qat_epochs: int | None = None):
-    """The LeNet-5 pipeline's float model and twin trained once: (spec, run options, trained, float %)."""
+def trained_pipeline(
+    data: str, seed: int, epochs: int | None, qat_epochs: int | None = None, pipeline: str = "mnist_lenet5"
+):
+    """A pipeline's float model and twin trained once: (spec, run options, trained, float Keras %)."""
     from deploy.app import RunOptions, prepare, train_pipeline
     from deploy.target import load_target
     from edgeq.pipeline import load_pipeline
 
-    spec = load_pipeline(ROOT / "pipelines" / "mnist_lenet5.py")
-    with tempfile.TemporaryDirectory(prefix="edgeq-lenet-") as tmp:
+    spec = load_pipeline(ROOT / "pipelines" / f"{pipeline}.py")
+    with tempfile.TemporaryDirectory(prefix=f"edgeq-{pipeline}-") as tmp:
         base = RunOptions(
             out=Path(tmp) / "run",
             seed=seed,
@@ -400,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
     log = lambda text: print(f"[{time.monotonic() - t_start:6.0f} s] {text}", flush=True)  # noqa: E731
-    with trained_lenet(args.data, args.seed, args.epochs) as (spec, base, trained, float_acc):
+    with trained_pipeline(args.data, args.seed, args.epochs) as (spec, base, trained, float_acc):
         log("trained the float model and its twin")
         s = trained.splits
         score = Scorer(s.x_test, s.y_test)

@@ -201,7 +201,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lenet5_front import Scorer, beside, lenet_parser, missing_data, peer_rows, trained_lenet
+    from lenet5_front import Scorer, beside, lenet_parser, missing_data, peer_rows, trained_pipeline
 
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
     ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
     log = lambda text: print(f"[{time.monotonic() - t_start:6.0f} s] {text}", flush=True)  # noqa: E731
-    with trained_lenet(args.data, args.seed, args.epochs, args.qat_epochs) as (
+    with trained_pipeline(args.data, args.seed, args.epochs, args.qat_epochs) as (
         spec,
         base,
         trained,
