@@ -37,7 +37,7 @@ OnStage = Callable[[str, str], None]
 # The byte planner: the least uncertainty cost within the flash of the uniform plan at the target bits
 # (benchmarks/results/planner_runs.md). The paper's methods stay a flag away (--method qiu|qinu|rb|bb).
 DEFAULT_METHOD = "planner"
-STAGES = ("data", "float", "bayes", "allocate", "qat", "export", "measure", "write", "device")
+STAGES = ("data", "float", "bayes", "channels", "allocate", "qat", "export", "measure", "write", "device")
 # What a run may write at the top of --out (a search adds pareto.*): checked for foreign files up front.
 ARTIFACTS = tuple(
     """model_float.keras model_qat.keras bitplan.json model_int8.tflite model_uncompressed.tflite model.tflite
@@ -46,10 +46,11 @@ ARTIFACTS = tuple(
 )
 
 
-def stages_for(target: Target | None) -> tuple[str, ...]:
-    """The stages a run goes through: "device" only on a virtual board, which the run measures on."""
+def stages_for(target: Target | None, channels: bool = False) -> tuple[str, ...]:
+    """The stages a run goes through: "device" only on a virtual board, which the run measures on;
+    "channels" only with --prune-channels."""
     on_device = target is not None and target.simulator is not None
-    return STAGES if on_device else tuple(s for s in STAGES if s != "device")
+    return tuple(s for s in STAGES if (s != "device" or on_device) and (s != "channels" or channels))
 
 
 def _silent(name: str, text: str) -> None:
@@ -77,6 +78,9 @@ class RunOptions:
     # --prune: the fraction of each planned layer's weights zeroed before QAT, the least informative
     # (|mu|/sigma) first, kept at zero through QAT; storage auto then tries PRUNE and HUFFMAN as well
     prune: float | None = None
+    # --prune-channels: the fraction of each hidden layer's output channels removed after the twin, the
+    # least informative first; the smaller model is fine-tuned and gets its own twin (edgeq.training.shrink)
+    prune_channels: float | None = None
     force: bool = False  # replace files in out that edgeq did not write (see deploy.artifacts)
 
 
@@ -87,13 +91,14 @@ def check_target_bits(bits: float) -> float:
     return float(bits)
 
 
-def check_prune(fraction: float | None) -> float | None:
-    """--prune: None (no pruning) or a fraction of each layer's weights in [0, 1)."""
+def check_prune(fraction: float | None, flag: str = "--prune") -> float | None:
+    """--prune, --prune-channels: None (none) or a fraction of each layer's weights (channels) in [0, 1)."""
     if fraction is None:
         return None
     if not (np.isfinite(fraction) and 0.0 <= fraction < 1.0):
+        what = "output channels to remove" if flag == "--prune-channels" else "weights to zero"
         raise PlanError(
-            f"--prune {fraction:g} is outside [0, 1); pass the fraction of each layer's weights to zero, "
+            f"{flag} {fraction:g} is outside [0, 1); pass the fraction of each layer's {what}, "
             "e.g. 0.5, or none"
         )
     return float(fraction) or None
@@ -129,6 +134,7 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
     method = check_method(opts.method or spec.method or DEFAULT_METHOD).name
     check_storage(opts.storage)
     check_prune(opts.prune)
+    check_prune(opts.prune_channels, "--prune-channels")
     check_spec(spec, opts.data)
     if opts.epochs is not None:
         if opts.epochs < 1:
@@ -151,12 +157,22 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
     shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
     outputs = int(model.outputs[0].shape[-1] or 1) if getattr(model, "outputs", None) else None
     check_splits(splits, shape, outputs, splits.task)
+    if opts.prune_channels:
+        from edgeq.prune import check_channel_prunable
+
+        check_channel_prunable(model)  # a residual add ties channels: refused before any training
     # Models (float, QAT, two .tflite), C arrays in four copies, the test split, reports and plots.
     need = 64 * model.count_params() + splits.x_test.nbytes + splits.y_test.nbytes + (1 << 20)
     check_space(Path(opts.out), need)
     from edgeq.distribute import strategy_for
 
-    return train(spec, splits, opts.seed, on_stage, model=model, strategy=strategy_for(opts.distribute))
+    strategy = strategy_for(opts.distribute)
+    trained = train(spec, splits, opts.seed, on_stage, model=model, strategy=strategy)
+    if opts.prune_channels:
+        from edgeq.training import shrink
+
+        trained = shrink(spec, trained, opts.prune_channels, opts.seed, on_stage, strategy)
+    return trained
 
 
 def allocate_for(

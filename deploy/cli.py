@@ -94,13 +94,14 @@ def _options(args: argparse.Namespace):
         distribute=args.distribute,
         target=target,
         prune=_prune(args.prune),
+        prune_channels=_prune(args.prune_channels, "--prune-channels"),
         force=args.force,
     )
     return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods), executor
 
 
-def _prune(text: str) -> float | None:
-    """--prune: none, or a fraction of each layer's weights in [0, 1)."""
+def _prune(text: str, flag: str = "--prune") -> float | None:
+    """--prune, --prune-channels: none, or a fraction of each layer's weights (channels) in [0, 1)."""
     from deploy.app import check_prune
 
     if str(text).strip().lower() in ("none", "0", ""):
@@ -108,8 +109,8 @@ def _prune(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError as e:
-        raise EdgeqError(f"--prune {text!r} is not a fraction; pass e.g. 0.5, or none") from e
-    return check_prune(value)
+        raise EdgeqError(f"{flag} {text!r} is not a fraction; pass e.g. 0.5, or none") from e
+    return check_prune(value, flag)
 
 
 def _sweep_targets(text: str) -> tuple[float, ...]:
@@ -159,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     from deploy.app import stages_for
 
-    progress = Progress(args.quiet, args.stderr, stages_for(opts.target))
+    progress = Progress(args.quiet, args.stderr, stages_for(opts.target, opts.prune_channels is not None))
     if opts.target.searching or args.max_accuracy_drop is not None:
         from deploy.search import sweep
 
@@ -292,6 +293,13 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         help="zero this fraction of each planned layer's weights before QAT, the least informative "
         "(|mu|/sigma) first, kept at zero through QAT; --storage auto then also tries prune and huffman "
         "(default: none)",
+    )
+    r.add_argument(
+        "--prune-channels",
+        default="none",
+        help="structured pruning: remove this fraction of each hidden layer's output channels after the "
+        "twin trains, the least informative (mean |mu|/sigma) first, with the inputs that fed on them; the "
+        "smaller model is fine-tuned and gets its own twin (Sequential models; default: none)",
     )
     r.add_argument(
         "--kernels",

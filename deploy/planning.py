@@ -370,9 +370,10 @@ def plan_layers(
         if best is None or (plan.cost, total) < (best[0].cost, best[1].flash + code(best[1])):
             best = (plan, pred, family)
     if best is None:
+        ram = "" if ram_budget is None else f" and {ram_budget:,} B of arena"
         raise PlanError(
-            f"no plan of {lo}..{hi} bits fits {budget:,} B of flash under int4 or lut storage; "
-            "raise the target bits or the flash budget"
+            f"no plan of {lo}..{hi} bits fits {budget:,} B of flash{ram} under int4 or lut storage; "
+            f"raise the target bits or the {'flash' if ram_budget is None else 'flash or RAM'} budget"
         )
     plan, pred, family = best
     layers_storage = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
@@ -26,7 +26,7 @@ def _check_sparsity(sparsity: float) -> None:
         raise PruningError(f"sparsity {sparsity} is outside [0, 1); pass the fraction of weights to remove")
 
 
-def _kernel_layers(model: keras.Model) -> list:
+def kernel_layers(model: keras.Model) -> list:
     return [lyr for lyr in model.layers if isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense))]
 
 
@@ -127,7 +127,7 @@ def strip(model: keras.Model) -> keras.Model:
 
 def sparsity_of(model: keras.Model, names: list[str] | None = None) -> float:
     """Fraction of exactly-zero kernel weights over the named (default: all) Conv2D/Dense layers."""
-    layers = [lyr for lyr in _kernel_layers(model) if names is None or lyr.name in names]
+    layers = [lyr for lyr in kernel_layers(model) if names is None or lyr.name in names]
     zeros = sum(int(np.sum(lyr.get_weights()[0] == 0)) for lyr in layers)
     total = sum(lyr.get_weights()[0].size for lyr in layers)
     return zeros / max(total, 1)
@@ -135,9 +135,14 @@ def sparsity_of(model: keras.Model, names: list[str] | None = None) -> float:
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """Which output channels each layer keeps after structured pruning."""
+    """Which output channels each layer keeps after structured pruning, of how many it had."""
 
     keep: dict[str, np.ndarray]
+    channels: dict[str, int] = field(default_factory=dict)  # output channels before pruning
+
+    def kept(self) -> dict[str, tuple[int, int]]:
+        """Per pruned layer: (channels kept, channels it had)."""
+        return {n: (int(k.size), self.channels.get(n, int(k.size))) for n, k in self.keep.items()}
 
 
 def channel_plan(
@@ -152,7 +157,7 @@ def channel_plan(
         info = (np.abs(p.mu) / p.sigma).reshape(-1, p.mu.shape[-1]).mean(0)
         n_keep = max(1, int(round(info.size * (1.0 - fraction))))
         keep[p.name] = np.sort(np.argsort(-info)[:n_keep])
-    return ChannelPlan(keep)
+    return ChannelPlan(keep, {p.name: int(p.mu.shape[-1]) for p in posteriors if p.name in keep})
 
 
 _PASS_THROUGH = (
@@ -166,11 +171,66 @@ _PASS_THROUGH = (
 )
 
 
+_MERGES = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+    keras.layers.Concatenate,
+)
+
+
+def _kernel_layer_behind(layer) -> str | None:
+    """The Conv2D/Dense at or behind `layer` (first inputs, through pass-through layers)."""
+    for _ in range(64):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            return layer.name
+        nodes = getattr(layer, "_inbound_nodes", [])
+        inbound = nodes[0].inbound_layers if nodes else []
+        inbound = inbound if isinstance(inbound, list) else [inbound]
+        if not inbound:
+            return None
+        layer = inbound[0]
+    return None
+
+
+def check_channel_prunable(model: keras.Model) -> None:
+    """Refuse, naming the layer and why, a model whose channels prune_channels cannot remove."""
+    if not isinstance(model, keras.Sequential):
+        for lyr in model.layers:
+            if isinstance(lyr, _MERGES):
+                nodes = lyr._inbound_nodes[0].inbound_layers if lyr._inbound_nodes else []
+                feeders = [n for n in map(_kernel_layer_behind, nodes) if n]
+                tied = " and ".join(repr(n) for n in feeders) or "its inputs"
+                raise PruningError(
+                    f"layer {tied} cannot lose channels: {type(lyr).__name__} layer {lyr.name!r} ties their "
+                    "channels together (a residual or merge); structured pruning rebuilds Sequential models "
+                    "only; use --prune for weight sparsity"
+                )
+        raise PruningError(
+            f"model {model.name!r} is not Sequential: structured pruning rebuilds Sequential models only; "
+            "use --prune for weight sparsity"
+        )
+    kernels = kernel_layers(model)
+    if len(kernels) < 2:
+        raise PruningError(
+            f"model {model.name!r} has one weight layer: its channels are the outputs; nothing to prune"
+        )
+    for lyr in model.layers:
+        kinds = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.Flatten, *_PASS_THROUGH)
+        if not isinstance(lyr, kinds) and lyr.get_weights():
+            raise PruningError(
+                f"structured pruning cannot pass through layer {lyr.name!r} ({type(lyr).__name__}); "
+                "use --prune for weight sparsity"
+            )
+
+
 def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
     """A smaller Sequential model without the dropped output channels (and the inputs that fed on them)."""
-    if not isinstance(model, keras.Sequential):
-        raise ModelError("structured pruning rebuilds Sequential models; wrap the layers in keras.Sequential")
-    last = _kernel_layers(model)[-1].name
+    check_channel_prunable(model)
+    last = kernel_layers(model)[-1].name
     if last in plan.keep:
         raise PruningError(f"layer {last!r} is the output layer; its channels are the model's outputs")
     layers, weights = [keras.layers.Input(model.input_shape[1:])], []

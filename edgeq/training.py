@@ -7,7 +7,7 @@ optional `on_stage(name, text)` callback, and returns plain values; none knows a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.data import Splits
@@ -41,6 +41,9 @@ class Trained:
     det: object  # M_det: the float architecture carrying the posterior means
     posteriors: tuple[LayerPosterior, ...]
     sizes: Mapping[str, int]  # weights per quantizable layer
+    # structured pruning (shrink): per pruned layer, (output channels kept, channels it had)
+    channels: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    unpruned_sizes: Mapping[str, int] = field(default_factory=dict)  # weights per layer before it
 
     @property
     def deterministic_layers(self) -> list[str]:
@@ -122,6 +125,37 @@ def train(
     )
     posts = tuple(p for p in bayes.posteriors(bnn) if p.name in sizes)
     return Trained(splits, float_model, bnn, bayes.to_deterministic(bnn, float_model), posts, sizes)
+
+
+def shrink(
+    spec: PipelineSpec,
+    trained: Trained,
+    fraction: float,
+    seed: int,
+    on_stage: OnStage = _silent,
+    strategy=None,
+) -> Trained:
+    """Structured pruning: each hidden weight layer loses the `fraction` of its output channels with the
+    lowest mean informativeness (|mu|/sigma over the channel's weights), its consumers the inputs that fed
+    on them; the smaller float model is fine-tuned from the kept weights and gets its own twin."""
+    import tf_keras as keras
+
+    from edgeq.prune import channel_plan, kernel_layers, prune_channels
+
+    output = kernel_layers(trained.float_model)[-1].name  # its channels are the model's outputs
+    plan = channel_plan(list(trained.posteriors), fraction, skip=(output,))
+    small = prune_channels(trained.float_model, plan)
+    loss, metrics = loss_and_metrics(trained.splits.task, spec.from_logits)
+    small.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
+    kept = plan.kept()
+    removed, total = sum(of - k for k, of in kept.values()), sum(of for _, of in kept.values())
+    on_stage(
+        "channels",
+        f"removed {removed} of {total} channels ({trained.float_model.count_params():,} -> "
+        f"{small.count_params():,} parameters); fine-tuning the smaller model and training its twin",
+    )
+    smaller = train(spec, trained.splits, seed, _silent, strategy, model=small)
+    return replace(smaller, channels=kept, unpruned_sizes=dict(trained.sizes))
 
 
 def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int, callbacks: Sequence = ()) -> None:

@@ -1,7 +1,8 @@
 """`edgeq run` on bad input: one line, exit 2, before any training; the output folder's manifest and kills.
 
-Every case runs the real CLI in a subprocess on a tiny pipeline written into tmp_path, whose model builder
-imports tf_keras only when called, so a case refused on its data alone never loads TensorFlow. "Before
+Every case runs the real CLI (deploy.cli.main) on a tiny pipeline written into tmp_path, whose model builder
+imports tf_keras only when called, so a case refused on its data alone needs no TensorFlow. The refusals run
+one after another in one subprocess (tests/cli_batch.py), the other tests each in their own. "Before
 training" is read from the progress lines: no case may print the float stage's line.
 """
 
@@ -221,17 +222,31 @@ def _case_names() -> list[str]:
         return list(_cases(Path(d)))
 
 
+def _out(work: Path, case: str) -> Path:
+    return work / f"out-{re.sub(r'[^a-z0-9]+', '-', case)}"
+
+
 @pytest.fixture(scope="module")
 def cases(work) -> dict[str, tuple[list[str], str]]:
     return _cases(work)
 
 
+@pytest.fixture(scope="module")
+def refusals(work, cases) -> dict[str, subprocess.CompletedProcess]:
+    """Every case's `edgeq run`, all in one subprocess (tests/cli_batch.py: TensorFlow loads once)."""
+    from cli_batch import run_batch
+
+    batch = []
+    for case, (argv, _) in cases.items():
+        out = ["--out", str(_out(work, case))] if "--out" not in argv else []
+        batch.append((case, work, ["run", *argv, *out]))
+    return run_batch(batch, work)
+
+
 @pytest.mark.parametrize("case", _case_names())
-def test_bad_input_is_one_line_before_training(work, cases, case):
-    argv, needle = cases[case]
-    out = work / f"out-{re.sub(r'[^a-z0-9]+', '-', case)}"
-    args = ["run", *argv] if "--out" in argv else ["run", *argv, "--out", str(out)]
-    refused(edgeq(*args, cwd=work), needle)
+def test_bad_input_is_one_line_before_training(work, cases, refusals, case):
+    refused(refusals[case], cases[case][1])
+    out = _out(work, case)
     assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
     assert not any(p.name.startswith("model") for p in work.iterdir())  # --out "" wrote nothing in cwd
 

@@ -102,21 +102,34 @@ def test_no_train_only_evaluates_the_model(files):
     assert json.loads((out / "report.json").read_text())["models"]["float"]["accuracy"] == round(want, 4)
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--model", "{d}/missing.keras", "--data", "{d}/digits.npz"], "missing.keras"),
-        (["--model", "{d}/digits.npz", "--data", "{d}/digits.npz"], "not a Keras model"),
-        (["--model", "{d}/cnn.keras"], "--model needs --data"),
-        (["pipelines/digits.py", "--model", "{d}/cnn.keras", "--data", "{d}/digits.npz"], "or --model"),
-        (["--model", "{d}/cnn.keras", "--data", "{d}/bad.npz"], "y_test"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2_before_training(files, args, needle):
+BAD = [
+    (["--model", "{d}/missing.keras", "--data", "{d}/digits.npz"], "missing.keras"),
+    (["--model", "{d}/digits.npz", "--data", "{d}/digits.npz"], "not a Keras model"),
+    (["--model", "{d}/cnn.keras"], "--model needs --data"),
+    (["pipelines/digits.py", "--model", "{d}/cnn.keras", "--data", "{d}/digits.npz"], "or --model"),
+    (["--model", "{d}/cnn.keras", "--data", "{d}/bad.npz"], "y_test"),
+    (["--model", "{d}/residual.keras", "--data", "{d}/digits.npz", "--prune-channels", "0.5"], "Add layer"),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(files) -> dict[str, subprocess.CompletedProcess]:
+    """Every BAD command line in one subprocess (tests/cli_batch.py), each into its own --out."""
+    from cli_batch import run_batch
+
     np.savez(
         files / "bad.npz", x_train=np.zeros((4, 8, 8, 1)), y_train=np.zeros(4), x_test=np.zeros((2, 8, 8, 1))
     )
-    r = _edgeq("run", *[a.format(d=files) for a in args], "--out", str(files / "bad_out"), cwd=ROOT)
+    cases = [
+        (needle, ROOT, ["run", *[a.format(d=files) for a in args], "--out", str(files / f"bad_out{i}")])
+        for i, (args, needle) in enumerate(BAD)
+    ]
+    return run_batch(cases, files)
+
+
+@pytest.mark.parametrize(("i", "needle"), [(i, needle) for i, (_, needle) in enumerate(BAD)])
+def test_bad_input_is_one_line_and_exit_2_before_training(files, refusals, i, needle):
+    r = refusals[needle]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("edgeq: error:")]
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and not (files / "bad_out" / "model.tflite").exists()
+    assert "Traceback" not in r.stderr and not (files / f"bad_out{i}" / "model.tflite").exists()

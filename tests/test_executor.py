@@ -28,7 +28,7 @@ from edgeq.errors import EdgeqError
 from edgeq.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = (2.5, 3.0, 4.0, 6.0)
+TARGETS = (2.5, 4.0, 6.0)
 SCORE_TOL = 0.02  # as tests/test_sweep.py: one TF thread per worker may flip a sample or two
 NO_RAY = "Ray is not installed (pip install 'edgeq[ray]', or '.[dev]', which includes it)"
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason=NO_RAY)
@@ -55,7 +55,7 @@ def test_ray_tasks_screen_like_the_local_pool(setup, local_ray, tmp_path):
     spec, trained = setup
     opts = RunOptions(out=tmp_path)
     jobs = distinct_jobs(trained, spec, opts, ("qiu", "rb"), TARGETS)
-    assert len(jobs) >= 6
+    assert len(jobs) >= 4  # more tasks than Ray's 2 CPUs
     local = screen(jobs, trained, spec, opts, executor=LocalExecutor(2))
     seen: list[tuple[int, int]] = []
     ray_rows = screen(
@@ -104,8 +104,8 @@ def test_a_ray_address_that_does_not_answer_times_out_and_names_it():
         address = f"127.0.0.1:{s.getsockname()[1]}"
     t0 = time.monotonic()
     with pytest.raises(RayUnreachableError, match=f"the Ray cluster at '{address}'") as e:
-        check_executor("ray", address, timeout_s=10)
-    assert time.monotonic() - t0 < 25  # bounded by the timeout (plus the child's start)
+        check_executor("ray", address, timeout_s=4)
+    assert time.monotonic() - t0 < 15  # bounded by the timeout (plus the child's start)
     assert isinstance(e.value, EdgeqError) and "\n" not in str(e.value)
 
 

@@ -88,15 +88,46 @@ def test_bad_inputs(tiny_keras, posts):
 
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
-    """`edgeq run pipelines/digits.py --prune 0.6 --epochs 1`: the real run, pruned inside it."""
+    """`edgeq run pipelines/digits.py --prune 0.6 --prune-channels 0.25 --epochs 1`: the real run, its
+    channels removed after the twin and its weights pruned before QAT."""
     from pathlib import Path
 
     from deploy.cli import main
 
     out = tmp_path_factory.mktemp("pruned")
     pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
-    assert main(["run", str(pipeline), "--prune", "0.6", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    argv = ["run", str(pipeline), "--prune", "0.6", "--prune-channels", "0.25", "--epochs", "1"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
     return out
+
+
+def test_prune_channels_in_the_run_removes_the_least_informative_channels(pruned_run):
+    import json
+
+    import tf_keras as keras
+
+    from deploy.export.slicing import layer_name
+    from deploy.flatbuffer import read, weight_inputs
+
+    pr = json.loads((pruned_run / "report.json").read_text())["pruning"]
+    # digits_cnn: conv1 16, conv2 32, fc1 64 channels lose a quarter each; fc2's are the 10 classes
+    kept = {c["name"]: (c["channels_kept"], c["channels"]) for c in pr["channels"]}
+    assert kept == {"conv1": (12, 16), "conv2": (24, 32), "fc1": (48, 64)}
+    assert pr["channels_removed"] == 28 and pr["channels_total"] == 112
+    model = keras.models.load_model(pruned_run / "model_float.keras")
+    assert [model.get_layer(n).get_weights()[0].shape[-1] for n in ("conv1", "conv2", "fc1", "fc2")] == [
+        12,
+        24,
+        48,
+        10,
+    ]
+    sizes = {layer_name(str(t.name)): int(np.prod(t.shape)) for t, _ in weight_inputs(read(
+        (pruned_run / "model_uncompressed.tflite").read_bytes()))}  # fmt: skip
+    for c in pr["channels"]:  # the deployed layers are the smaller ones; fc1 also lost conv2's inputs
+        assert c["weights_after"] == sizes[c["name"]] < c["weights_before"] and c["bytes_saved"] > 0
+    assert sizes["fc2"] == 48 * 10
+    assert "--prune-channels: 28 of 112 channels" in (pruned_run / "report.md").read_text()
+    assert "channels kept" in (pruned_run / "report.html").read_text()
 
 
 def test_prune_in_the_run_zeroes_each_layer_and_tries_the_sparse_storages(pruned_run):
@@ -124,15 +155,33 @@ def test_prune_in_the_run_zeroes_each_layer_and_tries_the_sparse_storages(pruned
     assert "Pruning (--prune 0.6" in (pruned_run / "report.html").read_text()
 
 
-@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "half", "nan"])
-def test_prune_fraction_outside_0_1_is_refused_before_training(tmp_path, capfd, value):
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--prune", v) for v in ("1", "1.5", "-0.1", "half", "nan")]
+    + [("--prune-channels", v) for v in ("1", "-0.5", "most")],
+)
+def test_prune_fraction_outside_0_1_is_refused_before_training(tmp_path, capfd, flag, value):
     from pathlib import Path
 
     from deploy.cli import main
 
     out = tmp_path / "out"
     pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
-    assert main(["run", str(pipeline), "--prune", value, "--out", str(out)]) == 2
+    assert main(["run", str(pipeline), flag, value, "--out", str(out)]) == 2
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("edgeq:")]
-    assert len(err) == 1 and err[0].startswith("edgeq: error: --prune"), err
+    assert len(err) == 1 and err[0].startswith(f"edgeq: error: {flag} "), err
     assert not out.exists()
+
+
+def test_a_residual_add_ties_channels_and_is_named():
+    import tf_keras as keras
+
+    inp = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="c2")(keras.layers.ReLU()(a))
+    out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(keras.layers.Add(name="add")([a, b])))
+    with pytest.raises(prune.PruningError, match="layer 'c1' and 'c2' cannot lose channels: Add layer 'add'"):
+        prune.check_channel_prunable(keras.Model(inp, out))
+    one = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="only")])
+    with pytest.raises(prune.PruningError, match="one weight layer"):
+        prune.check_channel_prunable(one)

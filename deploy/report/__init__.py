@@ -146,11 +146,36 @@ def _pruning_section(f: RunFacts) -> dict:
                 "entropy_bytes": int(np.ceil(entropy_bytes(vals))),
             }
         )
+    t = f.trained
+    channels = [
+        {
+            "name": name,
+            "channels_kept": kept,
+            "channels": of,
+            "weights_before": int(t.unpruned_sizes.get(name, t.sizes[name])),
+            "weights_after": int(t.sizes[name]),
+            # the bytes the removed weights would have taken at the layer's planned bits
+            "bytes_saved": int(
+                np.ceil(
+                    (t.unpruned_sizes.get(name, t.sizes[name]) - t.sizes[name]) * plan.layers[name].bits / 8
+                )
+            ),
+        }
+        for name, (kept, of) in t.channels.items()
+        if name in plan.layers
+    ]
     return {
         "fraction": f.candidate.prune,
-        "policy": "unstructured: the least informative weights (|mu|/sigma) of each planned layer",
+        "channels_removed": sum(of - kept for kept, of in t.channels.values()),
+        "channels_total": sum(of for _, of in t.channels.values()),
+        "policy": "unstructured: the least informative weights (|mu|/sigma) of each planned layer"
+        if f.candidate.prune
+        else "no unstructured pruning",
+        "channels_policy": "structured: each hidden layer's least informative output channels (mean "
+        "|mu|/sigma) removed with the inputs that fed on them, the smaller model fine-tuned, its own twin",
         "storage": f.candidate.exported.deployed.kind,
         "layers": layers,
+        "channels": channels,
     }
 
 
@@ -351,7 +376,7 @@ def build(
     }
     if f.source is not None:
         body["source"] = {"model": f.source[0], "sha256": f.source[1]}
-    if f.candidate.prune:
+    if f.candidate.prune or f.trained.channels:
         body["pruning"] = _pruning_section(f)
     sliced = f.candidate.exported.sliced
     if sliced is not None:

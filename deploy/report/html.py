@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from deploy.report import Report
-from deploy.report.markdown import metric_key
+from deploy.report.markdown import metric_key, pruning_title
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
@@ -120,8 +120,17 @@ def _pruning(b: dict) -> str:
         for r in pr["layers"]
     ]  # fmt: skip
     head = ["layer", "weights", "zeros", "sparsity", "bits", "fixed-width B", "entropy B"]
-    title = f"<h2>Pruning (--prune {pr['fraction']:g}, deployed as {_e(pr['storage'])})</h2>"
-    return title + f"<p>{_e(pr['policy'])}; kept at zero through QAT.</p>" + _table(head, rows)
+    title = f"<h2>Pruning ({_e(pruning_title(pr))}, deployed as {_e(pr['storage'])})</h2>"
+    channels = ""
+    if pr["channels"]:
+        crows = [
+            [c["name"], f"{c['channels_kept']} of {c['channels']}", f"{c['weights_before']:,}",
+             f"{c['weights_after']:,}", f"{c['bytes_saved']:,}"]
+            for c in pr["channels"]
+        ]  # fmt: skip
+        chead = ["layer", "channels kept", "weights before", "weights after", "bytes saved at its bits"]
+        channels = f"<p>{_e(pr['channels_policy'])}.</p>" + _table(chead, crows)
+    return title + channels + f"<p>{_e(pr['policy'])}.</p>" + _table(head, rows)
 
 
 def _search(rep: Report) -> str:

@@ -160,12 +160,24 @@ def _pruning(body) -> list[str]:
     pr = body.get("pruning")
     if not pr:
         return []
-    lines = [
-        "",
-        f"## Pruning (--prune {pr['fraction']:g}, deployed as {pr['storage']})",
-        "",
-        f"{pr['policy']}; kept at zero through QAT. Bytes at the plan's fixed width against an ideal "
-        "entropy coder's floor for the same integers.",
+    lines = ["", f"## Pruning ({pruning_title(pr)}, deployed as {pr['storage']})", ""]
+    if pr["channels"]:
+        lines += [
+            f"{pr['channels_policy']}: {pr['channels_removed']} of {pr['channels_total']} channels removed.",
+            "",
+            "| layer | channels kept | weights before | weights after | bytes saved at its bits |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {c['name']} | {c['channels_kept']} of {c['channels']} | {c['weights_before']:,} | "
+            f"{c['weights_after']:,} | {c['bytes_saved']:,} |"
+            for c in pr["channels"]
+        ]
+        lines.append("")
+    lines += [
+        f"{pr['policy']}"
+        + ("; kept at zero through QAT" if pr["fraction"] else "")
+        + ". Bytes at the plan's fixed width against an ideal entropy coder's floor for the same integers.",
         "",
         "| layer | weights | zeros | sparsity | bits | fixed-width B | entropy B |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -176,6 +188,14 @@ def _pruning(body) -> list[str]:
         for r in pr["layers"]
     ]
     return lines
+
+
+def pruning_title(pr: dict) -> str:
+    """The flags that pruned the model, as the pruning section's heading names them."""
+    parts = [f"--prune {pr['fraction']:g}"] if pr["fraction"] else []
+    if pr["channels"]:
+        parts.append(f"--prune-channels: {pr['channels_removed']} of {pr['channels_total']} channels")
+    return ", ".join(parts)
 
 
 def _search(rep: Report) -> list[str]:

@@ -26,7 +26,7 @@ from deploy.report import Report, SearchRow, SearchSummary
 from deploy.search.executors import Executor
 from deploy.target import Target
 from edgeq.allocators import check_method
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, PlanError
 from edgeq.pipeline import PipelineSpec
 from edgeq.scoring import headline, keras_score
 from edgeq.training import Trained
@@ -84,7 +84,12 @@ def distinct_jobs(
     for method in methods:
         near = planner_targets(trained, spec, opts) if method == "planner" else []
         for t in near or targets:
-            plan = allocate_for(method, trained, t, spec, opts)
+            try:
+                plan = allocate_for(method, trained, t, spec, opts)
+            except PlanError:  # the planner has no plan within the RAM budget at t: other targets may
+                if method != "planner":
+                    raise
+                continue
             jobs.setdefault(plan_key(method, plan), (method, t))
     return list(jobs.values())
 
