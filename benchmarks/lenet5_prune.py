@@ -1,10 +1,12 @@
 """Benchmark: `--prune` on LeNet-5/MNIST: pruned, entropy-coded weights against the packing limit (#18).
 
     python benchmarks/lenet5_prune.py [--data mnist.npz] [--prune 0.8,0.9,0.95] [--targets 3,2]
-                                      [--bits 4,3,2] [--qat-epochs N] [--verify-rows 500]
+                                      [--channels 0] [--bits 4,3,2] [--qat-epochs N] [--verify-rows 500]
 
 One process trains the LeNet-5 pipeline's float model and twin once (deploy.app.train_pipeline, the
-pipeline's epochs). Then, for each (--prune fraction, planner target): deploy.app.make_candidate with
+pipeline's epochs). For each --channels fraction above 0, edgeq.training.shrink then removes that share of
+every hidden layer's output channels, fine-tunes the smaller model and trains its twin (`edgeq run
+--prune-channels C`). Then, for each (--prune fraction, planner target): deploy.app.make_candidate with
 RunOptions(prune=fraction), as `edgeq run --prune F --target-bits T` does it: the least informative weights
 of each layer zeroed before QAT and held at zero through it, then exported with --storage auto (reference
 kernels, 16 KiB decode budget), which now builds INT4, LUT, PRUNE and HUFFMAN, each verified bit for bit
@@ -40,7 +42,7 @@ from edgeq.io import atomic_write_text  # noqa: E402
 FLASH_TARGET, ARENA_TARGET, ACC_TARGET = 80 * 1024, 64 * 1024, 99.3
 
 
-def variant_rows(cand, trained, fraction: float, target: float, score) -> list[dict]:
+def variant_rows(cand, trained, fraction: float, target: float, score, channels: float = 0.0) -> list[dict]:
     """Every stored variant of one pruned candidate: bytes, arena, latency; the limits beside them."""
     from deploy.export.limits import packing_limit
     from deploy.flatbuffer import entropy_limit
@@ -59,6 +61,8 @@ def variant_rows(cand, trained, fraction: float, target: float, score) -> list[d
         interp.set_input(quantize_input(x[0], q).reshape(q.shape), 0)
         rows.append(
             {
+                "channels": channels,
+                "parameters": int(trained.float_model.count_params()),
                 "prune": fraction,
                 "target_bits": target,
                 "bits": dict(cand.plan.bits),
@@ -79,12 +83,14 @@ def variant_rows(cand, trained, fraction: float, target: float, score) -> list[d
 def ratios(rows: list[dict]) -> list[dict]:
     """Per candidate: PRUNE's and HUFFMAN's host latency over LUT's and INT4's."""
     out = []
-    for key in dict.fromkeys((r["prune"], r["target_bits"]) for r in rows):
-        lat = {r["storage"]: r["latency_us"] for r in rows if (r["prune"], r["target_bits"]) == key}
+    for key in dict.fromkeys((r.get("channels", 0.0), r["prune"], r["target_bits"]) for r in rows):
+        sel = [r for r in rows if (r.get("channels", 0.0), r["prune"], r["target_bits"]) == key]
+        lat = {r["storage"]: r["latency_us"] for r in sel}
         out.append(
             {
-                "prune": key[0],
-                "target_bits": key[1],
+                "channels": key[0],
+                "prune": key[1],
+                "target_bits": key[2],
                 **{
                     f"{a}/{b}": round(lat[a] / lat[b], 2)
                     for a in ("prune", "huffman")
@@ -110,7 +116,9 @@ def markdown(res: dict) -> str:
         f"One float model (seed {res['seed']}, float {e['float']} / twin {e['bnn']} epochs, float Keras "
         f"{res['float_accuracy']:.2f}%), one split, QAT {e['qat']} epochs for every QAT row. edgeq rows: "
         "`--prune F --target-bits T` (the planner; each layer's least informative weights zeroed and kept at "
-        "zero through QAT), --storage auto on the reference kernels with 16 KiB slices, which builds INT4, "
+        "zero through QAT; with channels removed > 0, `--prune-channels C` first: that share of each hidden "
+        "layer's output channels removed, the smaller model fine-tuned for the float epochs, given its own "
+        "twin), --storage auto on the reference kernels with 16 KiB slices, which builds INT4, "
         "LUT, PRUNE and HUFFMAN, each verified bit for bit in TFLM. Accuracy: the deployed model in host "
         "TFLM over all 10,000 test images. Model = .tflite bytes (DECODE's 9.1 KB of Cortex-M4 code, the "
         "same for LUT, PRUNE and HUFFMAN, is not in it); arena = host TFLM (reference kernels); latency = "
@@ -121,14 +129,15 @@ def markdown(res: dict) -> str:
         "",
         "## Every variant",
         "",
-        "| prune | target | mean bits | storage | TFLM acc | model B | packing limit B | entropy limit B "
-        "| arena B | latency us |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| channels removed | parameters | prune | target | mean bits | storage | TFLM acc | model B "
+        "| packing limit B | entropy limit B | arena B | latency us |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         mark = " (deployed)" if r["deployed"] else ""
         lines.append(
-            f"| {r['prune']:g} | {r['target_bits']:g} | {r['mean_bits']:.2f} | {r['storage']}{mark} | "
+            f"| {r.get('channels', 0.0):g} | {r.get('parameters', 0):,} | "
+            f"{r['prune']:g} | {r['target_bits']:g} | {r['mean_bits']:.2f} | {r['storage']}{mark} | "
             f"{r['tflm_accuracy']:.2f} | {r['model_bytes']:,} | {r['packing_limit_bytes']:,} | "
             f"{r['entropy_limit_bytes']:,} | {r['arena_bytes']:,} | {r['latency_us']:,.0f} |"
         )
@@ -136,12 +145,12 @@ def markdown(res: dict) -> str:
         "",
         "## Decode cost: host TFLM latency ratios",
         "",
-        "| prune | target | " + " | ".join(k for k in res["ratios"][0] if "/" in k) + " |",
-        "|---:|---:|" + "---:|" * sum(1 for k in res["ratios"][0] if "/" in k),
+        "| channels | prune | target | " + " | ".join(k for k in res["ratios"][0] if "/" in k) + " |",
+        "|---:|---:|---:|" + "---:|" * sum(1 for k in res["ratios"][0] if "/" in k),
     ]
     for r in res["ratios"]:
         lines.append(
-            f"| {r['prune']:g} | {r['target_bits']:g} | "
+            f"| {r['channels']:g} | {r['prune']:g} | {r['target_bits']:g} | "
             + " | ".join(f"{v:.2f}" for k, v in r.items() if "/" in k)
             + " |"
         )
@@ -175,7 +184,8 @@ def targets(rows: list[dict]) -> list[dict]:
     def say(r: dict) -> str:
         return (
             f"{r['tflm_accuracy']:.2f}% at {r['model_bytes']:,} B, arena {r['arena_bytes']:,} B "
-            f"(prune {r['prune']:g}, target {r['target_bits']:g}, {r['storage']})"
+            f"(channels {r.get('channels', 0.0):g}, prune {r['prune']:g}, target {r['target_bits']:g}, "
+            f"{r['storage']})"
         )
 
     below = [r for r in rows if r["model_bytes"] < r["packing_limit_bytes"]]
@@ -205,14 +215,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
     ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions")
+    ap.add_argument("--channels", default="0", help="structured pruning fractions (0: none)")
     ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the pipeline's)")
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
     fractions = [float(f) for f in args.prune.split(",")]
+    channel_fractions = [float(c) for c in args.channels.split(",")]
     targets_bits = [float(t) for t in args.targets.split(",")]
 
     from deploy.app import make_candidate
+    from edgeq.training import shrink
 
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
@@ -227,22 +240,28 @@ def main(argv: list[str] | None = None) -> int:
         log("trained the float model and its twin")
         score = Scorer(s.x_test, s.y_test)
         peers = peer_rows(trained, spec, args.seed, [int(b) for b in args.bits.split(",")], score, log)
-        # export verifies each variant on verify_rows test images; accuracy below is over all of them
-        short = dataclasses.replace(
-            trained, splits=dataclasses.replace(s, x_test=s.x_test[: args.verify_rows])
-        )
         rows = []
-        for fraction in fractions:
-            for target in targets_bits:
-                opts = dataclasses.replace(base, prune=fraction)
-                cand = make_candidate(short, spec, opts, "planner", target, spec.qat_epochs)
-                for r in variant_rows(cand, trained, fraction, target, score):
-                    rows.append(r)
-                    log(
-                        f"prune {fraction:g} t{target:g} {r['storage']:8s}: TFLM {r['tflm_accuracy']:.2f}% "
-                        f"model {r['model_bytes']:,} B (limit {r['packing_limit_bytes']:,}, entropy "
-                        f"{r['entropy_limit_bytes']:,}) arena {r['arena_bytes']:,} B {r['latency_us']:.0f} us"
-                    )
+        for channels in channel_fractions:
+            # the smaller model, fine-tuned, with its own twin (as `edgeq run --prune-channels` makes it)
+            pruned = shrink(spec, trained, channels, args.seed) if channels else trained
+            if channels:
+                log(f"removed {channels:g} of the channels: {pruned.float_model.count_params():,} parameters")
+            # export verifies each variant on verify_rows test images; accuracy below is over all of them
+            short = dataclasses.replace(
+                pruned, splits=dataclasses.replace(s, x_test=s.x_test[: args.verify_rows])
+            )
+            for fraction in fractions:
+                for target in targets_bits:
+                    opts = dataclasses.replace(base, prune=fraction or None)
+                    cand = make_candidate(short, spec, opts, "planner", target, spec.qat_epochs)
+                    for r in variant_rows(cand, pruned, fraction, target, score, channels):
+                        rows.append(r)
+                        log(
+                            f"channels {channels:g} prune {fraction:g} t{target:g} {r['storage']:8s}: TFLM "
+                            f"{r['tflm_accuracy']:.2f}% model {r['model_bytes']:,} B (limit "
+                            f"{r['packing_limit_bytes']:,}, entropy {r['entropy_limit_bytes']:,}) arena "
+                            f"{r['arena_bytes']:,} B {r['latency_us']:.0f} us"
+                        )
     res = {
         "command": "python benchmarks/lenet5_prune.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),

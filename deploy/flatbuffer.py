@@ -453,6 +453,27 @@ def read(model_bytes: bytes):
     return model_editor.read(bytes(model_bytes))
 
 
+def build(model) -> bytes:
+    """model_editor's Model.build(), each buffer packed as one numpy vector: the same bytes, sooner.
+
+    model_editor hands the generated flatbuffer code its buffers as Python lists, which that code packs
+    one byte per call: 56 s of VGG-16's reference slicing went there, for 7.5 MB of weights.
+    """
+    schema = _schema()
+    pack = schema.BufferT.Pack
+
+    def pack_numpy(self, builder):
+        if isinstance(self.data, list) and self.data:
+            self.data = np.asarray(self.data, dtype=np.uint8)
+        return pack(self, builder)
+
+    schema.BufferT.Pack = pack_numpy
+    try:
+        return bytes(model.build())
+    finally:
+        schema.BufferT.Pack = pack
+
+
 def weight_inputs(model) -> list[tuple[object, str]]:
     """(tensor, op name) for every constant weight input of a conv/dense operator of a model_editor.Model."""
     seen, out = set(), []
@@ -551,7 +572,7 @@ def unpack_int4_tensors(model_bytes: bytes) -> bytes:
     for t in packed:
         t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
         t.dtype = INT8
-    return bytes(model.build())
+    return build(model)
 
 
 # Metadata the converter writes for people and for LiteRT's version checks; TFLM never reads it.

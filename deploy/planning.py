@@ -140,12 +140,27 @@ def stored_layout(q: np.ndarray, op: str) -> np.ndarray:
     return np.moveaxis(q, -1, 0)
 
 
-def layer_grids(
-    trained: Trained, shapes: ModelShapes, bits: Sequence[int]
-) -> dict[str, dict[int, LayerGrid]]:
-    """Every planned layer's grid, cost and LUT tables at each bit width (interval_ranges' grids)."""
-    from edgeq.layers import QUANTIZABLE
+def layer_ranges(trained: Trained, bits: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+    """interval_ranges of every planned layer at each bit width: the planner's slowest step (the exact
+    uncertainty-weighted search, benchmarks/results/scaling.md), and the same for every storage family."""
     from edgeq.optimize import interval_ranges
+
+    names = [p.name for p in trained.posteriors]
+    return {
+        b: interval_ranges(trained.float_model, BitPlan.from_bits({n: b for n in names}), trained.posteriors)
+        for b in bits
+    }
+
+
+def layer_grids(
+    trained: Trained,
+    shapes: ModelShapes,
+    bits: Sequence[int],
+    ranges: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+) -> dict[str, dict[int, LayerGrid]]:
+    """Every planned layer's grid, cost and LUT tables at each bit width (interval_ranges' grids; pass
+    layer_ranges' result as ranges to price several storage families from one search)."""
+    from edgeq.layers import QUANTIZABLE
 
     kernels = start_kernels(trained.float_model, trained.posteriors)
     names = [p.name for p in trained.posteriors]
@@ -156,14 +171,14 @@ def layer_grids(
             "planned layer to be one conv/dense operator"
         )
     model = trained.float_model
+    ranges = ranges if ranges is not None else layer_ranges(trained, bits)
     out: dict[str, dict[int, LayerGrid]] = {n: {} for n in names}
     for b in bits:
-        ranges = interval_ranges(model, BitPlan.from_bits({n: b for n in names}), trained.posteriors)
         lv = 2 ** (b - 1) - 1
         for name in names:
             kernel, sigma = kernels[name]
             per_channel = QUANTIZABLE[type(model.get_layer(name))]
-            r = np.atleast_1d(np.asarray(ranges[name], dtype=np.float64))
+            r = np.atleast_1d(np.asarray(ranges[b][name], dtype=np.float64))
             r = np.where(r > 0, r, 1.0)  # FixedRangeQuantizer's rule for an all-zero channel
             scale = r / lv
             axis = kernel.ndim - 1 if per_channel else None
@@ -256,8 +271,10 @@ class _Pricing:
 
 def _pricing(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
     grids, fixed = {}, {}
+    ranges = layer_ranges(trained, bits)  # once: the grids do not depend on how the bytes are stored
     for k, sh in shapes.items():
-        grids[k] = layer_grids(trained, sh, bits)
+        same = next((j for j in grids if shapes[j] is sh), None)  # reference kernels: one sliced model
+        grids[k] = grids[same] if same else layer_grids(trained, sh, bits, ranges)
         fixed[k] = _fixed_distinct(trained, sh, [n for n in sh.names if n not in grids[k]])
     return _Pricing(shapes, grids, fixed, code)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deploy.flatbuffer import INT4, INT8, pack_int4, tensor_values
+from deploy.flatbuffer import INT4, INT8, build, pack_int4, tensor_values
 from edgeq.errors import EdgeqError
 
 MAX_CONCAT_INPUTS = 10  # TFLM's CONCATENATION kernel takes at most 10 inputs
@@ -266,7 +266,7 @@ def slice_weights(model_bytes: bytes, decode_budget: int | str = DEFAULT_DECODE_
         rows.append(SliceRow(name, op.opcode_name, oc, size, len(ranges), largest))
     if todo:
         model_editor.prune_buffers(model)  # the whole weight/bias buffers must not stay in flash
-        out_bytes = bytes(model.build())
+        out_bytes = build(model)
     else:
         out_bytes = bytes(model_bytes)
     return SliceResult(out_bytes, budget, rows)

@@ -24,7 +24,7 @@ from tflite_micro.tensorflow.lite.micro.compression import (
 from tflite_micro.tensorflow.lite.micro.compression.compress import _apply_flatbuffer_alignment
 from tflite_micro.tensorflow.lite.micro.python.schema_py_generated import TensorType
 
-from deploy.flatbuffer import INT4, WeightTensor, read, unpack_int4_tensors, weight_inputs
+from deploy.flatbuffer import INT4, WeightTensor, build, read, unpack_int4_tensors, weight_inputs
 from deploy.storage.base import Storage, StorageError
 
 
@@ -71,7 +71,7 @@ def _with_decode(model_bytes: bytes, results: dict[tuple[int, int], compressor.C
             # the UINT8 encoded tensor would carry the scales and zero points its DECODE output also
             # carries: 12 bytes per channel twice (1.5 KB for a 128-channel depthwise filter).
             encoded._fb.quantization = None
-    return bytes(_apply_flatbuffer_alignment(model.build()))
+    return bytes(_apply_flatbuffer_alignment(build(model)))
 
 
 def drop_encoded_quantization(model_bytes: bytes) -> bytes:
@@ -94,7 +94,7 @@ def drop_encoded_quantization(model_bytes: bytes) -> bytes:
                     encoded.quantization = None
                     encoded._fb.quantization = None
                     changed = True
-    return bytes(_apply_flatbuffer_alignment(model.build())) if changed else bytes(model_bytes)
+    return bytes(_apply_flatbuffer_alignment(build(model))) if changed else bytes(model_bytes)
 
 
 def encode_model(
