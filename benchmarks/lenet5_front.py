@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, run_header  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.io import atomic_write_text  # noqa: E402
@@ -426,13 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = edgeq_rows(trained, spec, base, targets, args.verify_rows, score, log)
     out = Path(args.out)
     res = {
-        "command": "python benchmarks/lenet5_front.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": started_at,
-        "machine": machine(),
-        "seed": args.seed,
-        "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
-        "float_accuracy": round(float_acc, 2),
+        **run_header("lenet5_front.py", argv, started_at, args.seed, spec, float_acc),
         "test_samples": int(len(s.y_test)),
         "rows": rows + mine,
         "verdicts": verdicts(rows, mine),

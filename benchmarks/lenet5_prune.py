@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, run_header  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.io import atomic_write_text  # noqa: E402
@@ -263,13 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{r['arena_bytes']:,} B {r['latency_us']:.0f} us"
                         )
     res = {
-        "command": "python benchmarks/lenet5_prune.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": started_at,
-        "machine": machine(),
-        "seed": args.seed,
-        "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
-        "float_accuracy": round(float_acc, 2),
+        **run_header("lenet5_prune.py", argv, started_at, args.seed, spec, float_acc),
         "rows": rows,
         "ratios": ratios(rows),
         "targets": targets(rows),

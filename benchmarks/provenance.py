@@ -46,3 +46,17 @@ def commit(paths: tuple[str, ...] = ("benchmarks", "edgeq", "deploy")) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}+uncommitted" if dirty else head
+
+
+def run_header(
+    script: str, argv: list[str] | None, started_at: str, seed: int, spec, float_acc: float
+) -> dict:
+    """The fields a benchmark that trains one pipeline once starts its results with."""
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": started_at,
+        "machine": machine(),
+        "seed": seed,
+        "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
+        "float_accuracy": round(float_acc, 2),
+    }

@@ -51,7 +51,7 @@ from lenet5_front import (  # noqa: E402
     trained_pipeline,
     verdicts,
 )
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, run_header  # noqa: E402
 
 from edgeq.io import atomic_write_text  # noqa: E402
 
@@ -221,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     name = "resnet8_cifar10" if args.limit is None else "resnet8_cifar10_quick"
     res = {
-        "command": "python benchmarks/resnet8_cifar10.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": started_at,
-        "machine": machine(),
-        "seed": args.seed,
-        "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
-        "float_accuracy": round(float_acc, 2),
+        **run_header("resnet8_cifar10.py", argv, started_at, args.seed, spec, float_acc),
         "test_samples": int(len(y_test)),
         "rows": rows,
         "verdicts": verdicts(peers, mine),
