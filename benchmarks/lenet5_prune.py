@@ -19,7 +19,8 @@ Peers from the same float model and epochs, no edgeq code in their quantization 
 PTQ and plain TF-MOT uniform QAT at --bits (benchmarks/lenet5_front.py peer_rows).
 
 Targets (issue 18): >= 99.3% at <= 80 KB (81,920 B) model flash with arena <= 64 KB; deployed flash below
-the plan's fixed-width packing limit. Writes benchmarks/results/lenet5_prune.md and .json.
+the plan's fixed-width packing limit. Writes benchmarks/results/lenet5_prune.md and .json (with --channels
+above 0: lenet5_prune_channels.md, .json).
 """
 
 from __future__ import annotations
@@ -272,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "beside": beside(),
     }
     out = Path(args.out)
-    atomic_write_text(out / "lenet5_prune.json", json.dumps(res, indent=1) + "\n")
-    atomic_write_text(out / "lenet5_prune.md", markdown(res))
+    name = "lenet5_prune" if channel_fractions == [0.0] else "lenet5_prune_channels"  # keep the --prune file
+    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown(res))
     for t in res["targets"]:
         log(f"{'met' if t['met'] else 'NOT met'}: {t['target']}: {t['measured']}")
     return 0
