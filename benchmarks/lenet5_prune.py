@@ -142,17 +142,18 @@ def markdown(res: dict) -> str:
             f"{r['tflm_accuracy']:.2f} | {r['model_bytes']:,} | {r['packing_limit_bytes']:,} | "
             f"{r['entropy_limit_bytes']:,} | {r['arena_bytes']:,} | {r['latency_us']:,.0f} |"
         )
+    keys = list(dict.fromkeys(k for r in res["ratios"] for k in r if "/" in k))  # unpruned rows have none
     lines += [
         "",
         "## Decode cost: host TFLM latency ratios",
         "",
-        "| channels | prune | target | " + " | ".join(k for k in res["ratios"][0] if "/" in k) + " |",
-        "|---:|---:|---:|" + "---:|" * sum(1 for k in res["ratios"][0] if "/" in k),
+        "| channels | prune | target | " + " | ".join(keys) + " |",
+        "|---:|---:|---:|" + "---:|" * len(keys),
     ]
     for r in res["ratios"]:
         lines.append(
             f"| {r['channels']:g} | {r['prune']:g} | {r['target_bits']:g} | "
-            + " | ".join(f"{v:.2f}" for k, v in r.items() if "/" in k)
+            + " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in keys)
             + " |"
         )
     lines += [
