@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import commit, run_header  # noqa: E402
+from provenance import commit, header_lines, run_header  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.io import atomic_write_text  # noqa: E402
@@ -272,9 +272,7 @@ def markdown(res: dict) -> str:
     lines = [
         "# LeNet-5/MNIST: edgeq's planner front against plain TF-MOT uniform QAT (issue 19)",
         "",
-        f"Command: `{res['command']}`  ",
-        f"Commit: {res['commit']}; machine: {res['machine']['cpu']}, {res['machine']['nproc']} cores, "
-        f"Python {res['machine']['python']}; {res['seconds']:.0f} s; ran beside it: {res['beside']}.",
+        *header_lines(res),
         "",
         f"One float model (seed {res['seed']}, float {e['float']} / twin {e['bnn']} epochs; float Keras "
         f"accuracy {res['float_accuracy']:.2f}%), one split, QAT {e['qat']} epochs for every QAT row. "

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import commit, run_header  # noqa: E402
+from provenance import commit, header_lines, run_header  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from edgeq.io import atomic_write_text  # noqa: E402
@@ -106,13 +106,11 @@ def ratios(rows: list[dict]) -> list[dict]:
 def markdown(res: dict) -> str:
     from lenet5_front import target_lines
 
-    m, e = res["machine"], res["epochs"]
+    e = res["epochs"]
     lines = [
         "# LeNet-5/MNIST with `--prune`: pruned, entropy-coded weights in TFLM (issue 18)",
         "",
-        f"Command: `{res['command']}`  ",
-        f"Commit: {res['commit']}; machine: {m['cpu']}, {m['nproc']} cores, Python {m['python']}; "
-        f"{res['seconds']:.0f} s; ran beside it: {res['beside']}.",
+        *header_lines(res),
         "",
         f"One float model (seed {res['seed']}, float {e['float']} / twin {e['bnn']} epochs, float Keras "
         f"{res['float_accuracy']:.2f}%), one split, QAT {e['qat']} epochs for every QAT row. edgeq rows: "
@@ -152,7 +150,7 @@ def markdown(res: dict) -> str:
     ]
     for r in res["ratios"]:
         lines.append(
-            f"| {r['channels']:g} | {r['prune']:g} | {r['target_bits']:g} | "
+            f"| {r.get('channels', 0.0):g} | {r['prune']:g} | {r['target_bits']:g} | "
             + " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in keys)
             + " |"
         )

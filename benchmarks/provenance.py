@@ -60,3 +60,13 @@ def run_header(
         "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
         "float_accuracy": round(float_acc, 2),
     }
+
+
+def header_lines(res: dict) -> list[str]:
+    """A results file's command and provenance lines (res: command, commit, machine, seconds, beside)."""
+    m = res["machine"]
+    return [
+        f"Command: `{res['command']}`  ",
+        f"Commit: {res['commit']}; machine: {m['cpu']}, {m['nproc']} cores, Python {m['python']}; "
+        f"{res['seconds']:.0f} s; ran beside it: {res['beside']}.",
+    ]

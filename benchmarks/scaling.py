@@ -205,20 +205,13 @@ def run_options(work: Path):
 
 def calibrated(trained, spec, opts, timer=None):
     """make_candidate's QAT model of the uniform 4-bit plan, calibrated (0 epochs); the seconds of each."""
+    from deploy.app import qat_model
     from edgeq.allocators import allocate
-    from edgeq.optimize import prepare_qat
     from edgeq.training import fine_tune
 
     plan = allocate("uniform", trained, TARGET_BITS, spec, 0)
     t0 = time.perf_counter()
-    qat = prepare_qat(
-        trained.det,
-        trained.float_model,
-        plan,
-        trained.posteriors,
-        start=opts.qat_start,
-        keep_dense=opts.keep_dense,
-    )
+    qat = qat_model(trained, plan, opts)
     t1 = time.perf_counter()
     fine_tune(qat, trained.splits, spec, 0, [timer] if timer is not None else [])
     return qat, t1 - t0, time.perf_counter() - t1

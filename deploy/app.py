@@ -199,7 +199,6 @@ def make_candidate(
     plan: BitPlan | None = None,
 ) -> Candidate:
     """Stages 4-6 for one (method, target) or a given plan: allocate, project + QAT, export."""
-    from edgeq.optimize import prepare_qat
 
     on_stage("allocate", f"allocating bits ({method}, target {target_bits:g} mean bits)")
     t0 = time.perf_counter()
@@ -208,14 +207,7 @@ def make_candidate(
     on_stage("qat", f"quantization-aware fine-tuning with TF-MOT ({qat_epochs} epochs, per-layer bits)")
     # QAT starts from the float weights (or the twin's means) on fixed grids whose ranges minimise the
     # twin's uncertainty-weighted error; quantile levels are projected (benchmarks/results/lowbit_qat.md).
-    qat = prepare_qat(
-        trained.det,
-        trained.float_model,
-        plan,
-        trained.posteriors,
-        start=opts.qat_start,
-        keep_dense=opts.keep_dense,
-    )
+    qat = qat_model(trained, plan, opts)
     masks = prune_masks(trained, plan, opts.prune)
     if masks:
         from edgeq.prune import KeepMasks, apply_masks
@@ -240,6 +232,20 @@ def make_candidate(
     exported = export(qat, s.x_train, s.x_test, options)
     pruned = opts.prune if masks else None
     return Candidate(method, target_bits, plan, qat, exported, qat_epochs, allocate_s, pruned)
+
+
+def qat_model(trained: Trained, plan: BitPlan, opts: RunOptions):
+    """The TF-MOT QAT model of a plan, from the float weights (or the twin's means), not yet fine-tuned."""
+    from edgeq.optimize import prepare_qat
+
+    return prepare_qat(
+        trained.det,
+        trained.float_model,
+        plan,
+        trained.posteriors,
+        start=opts.qat_start,
+        keep_dense=opts.keep_dense,
+    )
 
 
 def prune_masks(trained: Trained, plan: BitPlan, fraction: float | None) -> dict[str, np.ndarray]:
