@@ -145,6 +145,11 @@ class ChannelPlan:
         return {n: (int(k.size), self.channels.get(n, int(k.size))) for n, k in self.keep.items()}
 
 
+def channel_totals(kept: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(channels removed, channels there were) over ChannelPlan.kept()'s layers."""
+    return sum(of - k for k, of in kept.values()), sum(of for _, of in kept.values())
+
+
 def channel_plan(
     posteriors: list[LayerPosterior], fraction: float, *, skip: tuple[str, ...] = ()
 ) -> ChannelPlan:
@@ -182,17 +187,19 @@ _MERGES = (
 )
 
 
+def _inbound(layer) -> list:
+    """The layers feeding `layer`'s first call in a functional model."""
+    nodes = getattr(layer, "_inbound_nodes", [])
+    inbound = nodes[0].inbound_layers if nodes else []
+    return inbound if isinstance(inbound, list) else [inbound]
+
+
 def _kernel_layer_behind(layer) -> str | None:
     """The Conv2D/Dense at or behind `layer` (first inputs, through pass-through layers)."""
-    for _ in range(64):
+    while layer is not None:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             return layer.name
-        nodes = getattr(layer, "_inbound_nodes", [])
-        inbound = nodes[0].inbound_layers if nodes else []
-        inbound = inbound if isinstance(inbound, list) else [inbound]
-        if not inbound:
-            return None
-        layer = inbound[0]
+        layer = next(iter(_inbound(layer)), None)  # an Input layer has none: the walk ends
     return None
 
 
@@ -201,8 +208,7 @@ def check_channel_prunable(model: keras.Model) -> None:
     if not isinstance(model, keras.Sequential):
         for lyr in model.layers:
             if isinstance(lyr, _MERGES):
-                nodes = lyr._inbound_nodes[0].inbound_layers if lyr._inbound_nodes else []
-                feeders = [n for n in map(_kernel_layer_behind, nodes) if n]
+                feeders = [n for n in map(_kernel_layer_behind, _inbound(lyr)) if n]
                 tied = " and ".join(repr(n) for n in feeders) or "its inputs"
                 raise PruningError(
                     f"layer {tied} cannot lose channels: {type(lyr).__name__} layer {lyr.name!r} ties their "
@@ -258,12 +264,8 @@ def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
             weights.append([])
         elif isinstance(lyr, keras.layers.BatchNormalization) and prev_keep is not None:
             weights.append([v[prev_keep] for v in w])
-        elif isinstance(lyr, _PASS_THROUGH) or not w:
+        else:  # pass-through or weightless: check_channel_prunable refused anything else
             weights.append(w)
-        else:
-            raise ModelError(
-                f"structured pruning cannot pass through layer {lyr.name!r} ({type(lyr).__name__})"
-            )
         layers.append(lyr.__class__.from_config(cfg))
     small = keras.Sequential(layers, name=f"{model.name}_pruned")
     for lyr, w in zip(small.layers, weights, strict=True):

@@ -140,7 +140,7 @@ def shrink(
     on them; the smaller float model is fine-tuned from the kept weights and gets its own twin."""
     import tf_keras as keras
 
-    from edgeq.prune import channel_plan, kernel_layers, prune_channels
+    from edgeq.prune import channel_plan, channel_totals, kernel_layers, prune_channels
 
     output = kernel_layers(trained.float_model)[-1].name  # its channels are the model's outputs
     plan = channel_plan(list(trained.posteriors), fraction, skip=(output,))
@@ -148,7 +148,7 @@ def shrink(
     loss, metrics = loss_and_metrics(trained.splits.task, spec.from_logits)
     small.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
     kept = plan.kept()
-    removed, total = sum(of - k for k, of in kept.values()), sum(of for _, of in kept.values())
+    removed, total = channel_totals(kept)
     on_stage(
         "channels",
         f"removed {removed} of {total} channels ({trained.float_model.count_params():,} -> "

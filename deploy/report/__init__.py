@@ -126,6 +126,7 @@ def _pruning_section(f: RunFacts) -> dict:
     entropy coder would store it in (the deployed file's total is in models.deployed)."""
     from deploy.export.slicing import layer_name
     from deploy.flatbuffer import entropy_bytes, read, tensor_values, weight_inputs
+    from edgeq.prune import channel_totals
 
     plan = f.candidate.plan
     layers = []
@@ -147,27 +148,27 @@ def _pruning_section(f: RunFacts) -> dict:
             }
         )
     t = f.trained
-    channels = [
-        {
-            "name": name,
-            "channels_kept": kept,
-            "channels": of,
-            "weights_before": int(t.unpruned_sizes.get(name, t.sizes[name])),
-            "weights_after": int(t.sizes[name]),
-            # the bytes the removed weights would have taken at the layer's planned bits
-            "bytes_saved": int(
-                np.ceil(
-                    (t.unpruned_sizes.get(name, t.sizes[name]) - t.sizes[name]) * plan.layers[name].bits / 8
-                )
-            ),
-        }
-        for name, (kept, of) in t.channels.items()
-        if name in plan.layers
-    ]
+    channels = []
+    for name, (kept, of) in t.channels.items():
+        if name not in plan.layers:
+            continue
+        before, after = int(t.unpruned_sizes[name]), int(t.sizes[name])
+        channels.append(
+            {
+                "name": name,
+                "channels_kept": kept,
+                "channels": of,
+                "weights_before": before,
+                "weights_after": after,
+                # the bytes the removed weights would have taken at the layer's planned bits
+                "bytes_saved": int(np.ceil((before - after) * plan.layers[name].bits / 8)),
+            }
+        )
+    removed, total = channel_totals(dict(t.channels))
     return {
         "fraction": f.candidate.prune,
-        "channels_removed": sum(of - kept for kept, of in t.channels.values()),
-        "channels_total": sum(of for _, of in t.channels.values()),
+        "channels_removed": removed,
+        "channels_total": total,
         "policy": "unstructured: the least informative weights (|mu|/sigma) of each planned layer"
         if f.candidate.prune
         else "no unstructured pruning",
