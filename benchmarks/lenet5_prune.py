@@ -62,6 +62,7 @@ def variant_rows(cand, trained, fraction: float, target: float, score, channels:
         interp.set_input(quantize_input(x[0], q).reshape(q.shape), 0)
         rows.append(
             {
+                "kernels": "reference",  # host TFLM's arena: the reference kernels'
                 "channels": channels,
                 "parameters": int(trained.float_model.count_params()),
                 "prune": fraction,
@@ -100,6 +101,21 @@ def ratios(rows: list[dict]) -> list[dict]:
                 },
             }
         )
+    return out
+
+
+def dominated(peers: list[dict], rows: list[dict]) -> list[dict]:
+    """Issue 19's LeNet target per TF-MOT row (reference kernels): the smallest variant with at least its
+    accuracy and at most its model bytes and arena, or none."""
+    from lenet5_front import dominating
+
+    out = []
+    for p in peers:
+        if p["row"].startswith("TF-MOT") and p["kernels"] == "reference":
+            d = dominating(p, rows)
+            keep = ("channels", "prune", "target_bits", "storage", "tflm_accuracy", "model_bytes")
+            keep += ("arena_bytes",)
+            out.append({"peer": p["row"], "met": d is not None, "edgeq": d and {k: d[k] for k in keep}})
     return out
 
 
@@ -166,6 +182,24 @@ def markdown(res: dict) -> str:
             if p["kernels"] == "reference"
         ],
     ]
+    if res.get("dominated"):
+        lines += [
+            "",
+            "## TF-MOT rows dominated (issue 19: accuracy >=, model bytes and arena <=, reference kernels)",
+            "",
+            "| TF-MOT row | edgeq variant | TFLM acc | model B | arena B |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for d in res["dominated"]:
+            e = d["edgeq"]
+            if not e:
+                lines.append(f"| {d['peer']} | none | — | — | — |")
+                continue
+            lines.append(
+                f"| {d['peer']} | channels {e['channels']:g}, prune {e['prune']:g}, target "
+                f"{e['target_bits']:g}, {e['storage']} | {e['tflm_accuracy']:.2f} | {e['model_bytes']:,} | "
+                f"{e['arena_bytes']:,} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions")
     ap.add_argument("--channels", default="0", help="structured pruning fractions (0: none)")
     ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the pipeline's)")
+    ap.add_argument(
+        "--name", default=None, help="results file stem (default: lenet5_prune, or lenet5_prune_channels)"
+    )
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
@@ -268,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(rows),
         "targets": targets(rows),
         "peers": peers,
+        "dominated": dominated(peers, rows),
         "seconds": round(time.monotonic() - t_start, 1),
         "beside": beside(),
     }
     out = Path(args.out)
-    name = "lenet5_prune" if channel_fractions == [0.0] else "lenet5_prune_channels"  # keep the --prune file
+    name = args.name or ("lenet5_prune" if channel_fractions == [0.0] else "lenet5_prune_channels")
     atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(out / f"{name}.md", markdown(res))
     for t in res["targets"]:
