@@ -158,9 +158,7 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
     outputs = int(model.outputs[0].shape[-1] or 1) if getattr(model, "outputs", None) else None
     check_splits(splits, shape, outputs, splits.task)
     if opts.prune_channels:
-        from edgeq.prune import check_channel_prunable
-
-        check_channel_prunable(model)  # a residual add ties channels: refused before any training
+        check_pruned_form(model, opts.prune_channels, splits.x_train)
     # Models (float, QAT, two .tflite), C arrays in four copies, the test split, reports and plots.
     need = 64 * model.count_params() + splits.x_test.nbytes + splits.y_test.nbytes + (1 << 20)
     check_space(Path(opts.out), need)
@@ -173,6 +171,22 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
 
         trained = shrink(spec, trained, opts.prune_channels, opts.seed, on_stage, strategy)
     return trained
+
+
+def check_pruned_form(model, fraction: float, x: np.ndarray) -> None:
+    """Refuse, before any training, a model --prune-channels cannot shrink: a merge ties its channels, a
+    layer cannot be passed through, or its smaller form does not rebuild or convert to TFLite."""
+    from deploy.export.convert import ExportError, convert
+    from edgeq.prune import PruningError, trial_prune
+
+    small = trial_prune(model, fraction)
+    try:
+        convert(small, x, samples=2)
+    except ExportError as e:
+        raise PruningError(
+            f"model {model.name!r} with {fraction:g} of its channels removed does not convert: {e}; "
+            "use a smaller --prune-channels, or --prune for weight sparsity"
+        ) from e
 
 
 def allocate_for(

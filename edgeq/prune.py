@@ -150,6 +150,11 @@ def channel_totals(kept: dict[str, tuple[int, int]]) -> tuple[int, int]:
     return sum(of - k for k, of in kept.values()), sum(of for _, of in kept.values())
 
 
+def kept_count(channels: int, fraction: float) -> int:
+    """Output channels a layer keeps when `fraction` of its `channels` go (at least one)."""
+    return max(1, int(round(channels * (1.0 - fraction))))
+
+
 def channel_plan(
     posteriors: list[LayerPosterior], fraction: float, *, skip: tuple[str, ...] = ()
 ) -> ChannelPlan:
@@ -160,8 +165,7 @@ def channel_plan(
         if p.name in skip:
             continue
         info = (np.abs(p.mu) / p.sigma).reshape(-1, p.mu.shape[-1]).mean(0)
-        n_keep = max(1, int(round(info.size * (1.0 - fraction))))
-        keep[p.name] = np.sort(np.argsort(-info)[:n_keep])
+        keep[p.name] = np.sort(np.argsort(-info)[: kept_count(info.size, fraction)])
     return ChannelPlan(keep, {p.name: int(p.mu.shape[-1]) for p in posteriors if p.name in keep})
 
 
@@ -233,6 +237,24 @@ def check_channel_prunable(model: keras.Model) -> None:
             )
 
 
+def trial_prune(model: keras.Model, fraction: float) -> keras.Model:
+    """The model's pruned form at `fraction` with the channel counts channel_plan will keep (the first
+    ones here): built before training, so a model whose smaller form cannot be rebuilt is refused early."""
+    _check_sparsity(fraction)
+    layers = kernel_layers(model)
+    shape = {lyr.name: int(lyr.get_weights()[0].shape[-1]) for lyr in layers[:-1]}  # the last: the outputs
+    plan = ChannelPlan({n: np.arange(kept_count(c, fraction)) for n, c in shape.items()}, shape)
+    try:
+        return prune_channels(model, plan)
+    except PruningError:
+        raise
+    except Exception as e:  # noqa: BLE001  (Keras raises many types when a layer's config no longer fits)
+        raise PruningError(
+            f"model {model.name!r} with {fraction:g} of its channels removed cannot be rebuilt: "
+            f"{str(e).splitlines()[0]}; use a smaller --prune-channels, or --prune for weight sparsity"
+        ) from e
+
+
 def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
     """A smaller Sequential model without the dropped output channels (and the inputs that fed on them)."""
     check_channel_prunable(model)
@@ -242,11 +264,20 @@ def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
     layers, weights = [keras.layers.Input(model.input_shape[1:])], []
     prev_keep: np.ndarray | None = None  # kept channels of the tensor flowing in
     flat_channels: int | None = None
+    prev: tuple[str, int] | None = None  # the last weight layer: name, output channels
+    between: list[str] = []  # the layers since it
     for lyr in model.layers:
         cfg, w = lyr.get_config(), lyr.get_weights()
         if isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense)):
             kernel, bias = w[0], (w[1] if len(w) > 1 else None)
             if prev_keep is not None:
+                reads = flat_channels if flat_channels is not None else int(kernel.shape[-2])
+                if reads != prev[1]:  # a Reshape, Permute, ... moved the channels: rows can't be matched
+                    raise PruningError(
+                        f"layer {prev[0]!r} cannot lose channels: the layers between it and {lyr.name!r} "
+                        f"({', '.join(repr(n) for n in between)}) change the channel layout ({prev[1]} "
+                        f"channels out, {reads} read); use --prune for weight sparsity"
+                    )
                 if isinstance(lyr, keras.layers.Dense) and flat_channels is not None:
                     rows = np.arange(kernel.shape[0]).reshape(-1, flat_channels)[:, prev_keep].ravel()
                     kernel = kernel[rows]
@@ -258,6 +289,7 @@ def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
                 bias = bias[keep] if bias is not None else None
                 cfg["filters" if "filters" in cfg else "units"] = int(keep.size)
             prev_keep, flat_channels = keep, None
+            prev, between = (lyr.name, int(w[0].shape[-1])), []
             weights.append([kernel] + ([bias] if bias is not None else []))
         elif isinstance(lyr, keras.layers.Flatten):
             flat_channels = int(lyr.input_shape[-1])
@@ -266,6 +298,8 @@ def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
             weights.append([v[prev_keep] for v in w])
         else:  # pass-through or weightless: check_channel_prunable refused anything else
             weights.append(w)
+        if not isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense)):
+            between.append(lyr.name)
         layers.append(lyr.__class__.from_config(cfg))
     small = keras.Sequential(layers, name=f"{model.name}_pruned")
     for lyr, w in zip(small.layers, weights, strict=True):

@@ -40,6 +40,10 @@ def files(tmp_path_factory, digits):
         m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         m.fit(x[:1400], y[:1400], epochs=3, verbose=0)
         m.save(d / f"{kind}.keras")
+    L = keras.layers  # a Reshape between fc1 and c1: its pruned form cannot be rebuilt
+    head = [keras.Input((8, 8, 1)), L.Flatten(), L.Dense(64, name="fc1"), L.Reshape((8, 8, 1))]
+    tail = [L.Conv2D(4, 3, name="c1"), L.Flatten(), L.Dense(10, name="fc")]
+    keras.Sequential(head + tail).save(d / "reshaped.keras")
     return d
 
 
@@ -109,6 +113,7 @@ BAD = [
     (["pipelines/digits.py", "--model", "{d}/cnn.keras", "--data", "{d}/digits.npz"], "or --model"),
     (["--model", "{d}/cnn.keras", "--data", "{d}/bad.npz"], "y_test"),
     (["--model", "{d}/residual.keras", "--data", "{d}/digits.npz", "--prune-channels", "0.5"], "Add layer"),
+    (["--model", "{d}/reshaped.keras", "--data", "{d}/digits.npz", "--prune-channels", "0.5"], "fc1' cannot"),
 ]
 
 

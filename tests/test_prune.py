@@ -185,3 +185,42 @@ def test_a_residual_add_ties_channels_and_is_named():
     one = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="only")])
     with pytest.raises(prune.PruningError, match="one weight layer"):
         prune.check_channel_prunable(one)
+
+
+def test_a_pruned_form_that_cannot_be_rebuilt_is_refused_before_training(tmp_path, capfd, digits):
+    """A Reshape between two weight layers: the smaller form is built (and converted) before training."""
+    import tf_keras as keras
+
+    from deploy.app import check_pruned_form
+
+    layers = keras.layers
+    m = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            layers.Flatten(),
+            layers.Dense(64, name="fc1"),
+            layers.Reshape((8, 8, 1), name="to_image"),
+            layers.Conv2D(4, 3, name="c1"),
+            layers.Flatten(),
+            layers.Dense(10, name="head"),
+        ]
+    )
+    why = r"layer 'fc1' cannot lose channels: .*'to_image'.*64 channels"
+    with pytest.raises(prune.PruningError, match=why):
+        check_pruned_form(m, 0.5, digits[0][:4])
+    small = prune.trial_prune(tiny := _tiny_sequential(), 0.5)  # a model that shrinks: half the channels
+    assert [lyr.get_weights()[0].shape[-1] for lyr in prune.kernel_layers(small)] == [2, 10]
+    check_pruned_form(tiny, 0.5, digits[0][:4])  # converts: nothing raised
+
+
+def _tiny_sequential():
+    import tf_keras as keras
+
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, name="c1"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, name="head"),
+        ]
+    )
