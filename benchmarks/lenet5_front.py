@@ -133,9 +133,10 @@ def peer_rows(trained, spec, seed: int, bits_list: list[int], score, log) -> lis
 
 
 def edgeq_rows(
-    trained, spec, base, targets: list[float], verify_rows: int, score, log, exports=EXPORTS
+    trained, spec, base, targets: list[float], verify_rows: int, score, log, exports=EXPORTS, suffix: str = ""
 ) -> list[dict]:
-    """The planner at each target, QAT'd once, exported for every (kernel set, decode budget)."""
+    """The planner at each target (planned for base.target), QAT'd once, exported for every (kernel set,
+    decode budget); suffix: added to the rows' names."""
     from deploy.app import make_candidate
     from deploy.export import ExportOptions, export
     from deploy.target import load_target
@@ -155,7 +156,7 @@ def edgeq_rows(
             model = ex.deployed.model
             rows.append(
                 {
-                    "row": f"edgeq planner, target {target_bits:g}",
+                    "row": f"edgeq planner, target {target_bits:g}{suffix}",
                     "kind": "edgeq",
                     "export": label,
                     "target_bits": target_bits,
@@ -395,6 +396,7 @@ def lenet_parser(doc: str, targets: str, bits: str) -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--verify-rows", type=int, default=500, help="test images each export verifies on")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    ap.add_argument("--name", default=None, help="results file stem (default: the benchmark's own)")
     return ap
 
 
@@ -407,10 +409,18 @@ def missing_data(path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = lenet_parser(__doc__, targets="2,3,4,6,8", bits="8,4,3,2").parse_args(argv)
+    ap = lenet_parser(__doc__, targets="2,3,4,6,8", bits="8,4,3,2")
+    ap.add_argument(
+        "--cmsis-ram-targets",
+        default="",
+        help="planner targets also planned for CMSIS-NN within --cmsis-ram-budget (exported for cmsis-nn)",
+    )
+    ap.add_argument("--cmsis-ram-budget", type=int, default=26_000, help="arena bytes for those rows")
+    args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
-    targets = [float(t) for t in args.targets.split(",")]
+    targets = [float(t) for t in args.targets.split(",") if t]
+    ram_targets = [float(t) for t in args.cmsis_ram_targets.split(",") if t]
     bits = [int(b) for b in args.bits.split(",")]
 
     started_at = commit()  # the code that runs: later commits must not relabel it
@@ -422,19 +432,28 @@ def main(argv: list[str] | None = None) -> int:
         score = Scorer(s.x_test, s.y_test)
         rows = peer_rows(trained, spec, args.seed, bits, score, log)
         mine = edgeq_rows(trained, spec, base, targets, args.verify_rows, score, log)
+        if ram_targets:  # the search's RAM-budget planning (arena within the budget) for the CMSIS-NN board
+            from deploy.target import load_target
+
+            budget = args.cmsis_ram_budget
+            fit = dataclasses.replace(base, target=load_target(kernels="cmsis-nn", ram_budget=budget))
+            cmsis = [e for e in EXPORTS if e[1] == "cmsis-nn"]
+            suffix = f", cmsis-nn arena <= {budget:,} B"
+            mine += edgeq_rows(trained, spec, fit, ram_targets, args.verify_rows, score, log, cmsis, suffix)
     out = Path(args.out)
+    name = args.name or "lenet5_front"
     res = {
         **run_header("lenet5_front.py", argv, started_at, args.seed, spec, float_acc),
         "test_samples": int(len(s.y_test)),
         "rows": rows + mine,
         "verdicts": verdicts(rows, mine),
-        "plot": "lenet5_front.png",
+        "plot": f"{name}.png",
         "seconds": round(time.monotonic() - t_start, 1),
         "beside": beside(),
     }
-    plot(out / "lenet5_front.png", res["rows"])
-    atomic_write_text(out / "lenet5_front.json", json.dumps(res, indent=1) + "\n")
-    atomic_write_text(out / "lenet5_front.md", markdown(res))
+    plot(out / f"{name}.png", res["rows"])
+    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown(res))
     for v in res["verdicts"]:
         log(f"{v['peer']} [{v['kernels']}]: {'met' if v['met'] else 'NOT met'}")
     return 0 if all(v["met"] for v in res["verdicts"]) else 1

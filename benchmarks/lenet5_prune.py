@@ -157,14 +157,15 @@ def markdown(res: dict) -> str:
             f"{r['entropy_limit_bytes']:,} | {r['arena_bytes']:,} | {r['latency_us']:,.0f} |"
         )
     keys = list(dict.fromkeys(k for r in res["ratios"] for k in r if "/" in k))  # unpruned rows have none
-    lines += [
-        "",
-        "## Decode cost: host TFLM latency ratios",
-        "",
-        "| channels | prune | target | " + " | ".join(keys) + " |",
-        "|---:|---:|---:|" + "---:|" * len(keys),
-    ]
-    for r in res["ratios"]:
+    if keys:
+        lines += [
+            "",
+            "## Decode cost: host TFLM latency ratios",
+            "",
+            "| channels | prune | target | " + " | ".join(keys) + " |",
+            "|---:|---:|---:|" + "---:|" * len(keys),
+        ]
+    for r in res["ratios"] if keys else []:
         lines.append(
             f"| {r.get('channels', 0.0):g} | {r['prune']:g} | {r['target_bits']:g} | "
             + " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in keys)
@@ -249,11 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
     ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions")
-    ap.add_argument("--channels", default="0", help="structured pruning fractions (0: none)")
-    ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the pipeline's)")
     ap.add_argument(
-        "--name", default=None, help="results file stem (default: lenet5_prune, or lenet5_prune_channels)"
+        "--channels", default="0", help="structured pruning fractions (0: none; else lenet5_prune_channels)"
     )
+    ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the pipeline's)")
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2

@@ -75,18 +75,23 @@ def reference_shapes(
     keep_dense: Dense as FULLY_CONNECTED (the run's default) or as 1x1 CONV_2D (--dense-as-conv).
     Kept per (trained, settings) in this process: a search plans many targets of one twin.
     """
-    key = (id(trained), decode_budget, keep_dense)
-    hit = _SHAPES.get(key)
-    if hit is not None and hit[0] is trained:
-        return hit[1]
-    shapes = _reference_shapes(trained, decode_budget, keep_dense)
-    if len(_SHAPES) >= 4:
-        _SHAPES.pop(next(iter(_SHAPES)))
-    _SHAPES[key] = (trained, shapes)  # the Trained is kept too, so its id is not reused while cached
-    return shapes
+    return _per_twin(_SHAPES, trained, (decode_budget, keep_dense), _reference_shapes)
 
 
 _SHAPES: dict[tuple, tuple[Trained, ModelShapes]] = {}
+
+
+def _per_twin(store: dict, trained: Trained, args: tuple, make):
+    """make(trained, *args), kept in store per (trained, args): the last 4 of them in this process."""
+    key = (id(trained), *args)
+    hit = store.get(key)
+    if hit is not None and hit[0] is trained:
+        return hit[1]
+    value = make(trained, *args)
+    if len(store) >= 4:
+        store.pop(next(iter(store)))
+    store[key] = (trained, value)  # the Trained is kept too, so its id is not reused while cached
+    return value
 
 
 def _reference_shapes(trained: Trained, decode_budget: int | None, keep_dense: bool) -> ModelShapes:
@@ -142,14 +147,19 @@ def stored_layout(q: np.ndarray, op: str) -> np.ndarray:
 
 def layer_ranges(trained: Trained, bits: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
     """interval_ranges of every planned layer at each bit width: the planner's slowest step (the exact
-    uncertainty-weighted search, benchmarks/results/scaling.md), and the same for every storage family."""
-    from edgeq.optimize import interval_ranges
+    uncertainty-weighted search, benchmarks/results/scaling.md), the same for every storage family.
 
-    names = [p.name for p in trained.posteriors]
-    return {
-        b: interval_ranges(trained.float_model, BitPlan.from_bits({n: b for n in names}), trained.posteriors)
-        for b in bits
-    }
+    Kept per (trained, bits) in this process, as reference_shapes is: a search plans many targets of one twin.
+    """
+    from edgeq.optimize import interval_ranges_at
+
+    def search(t: Trained, widths: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+        return interval_ranges_at(t.float_model, list(widths), t.posteriors)
+
+    return _per_twin(_RANGES, trained, (tuple(bits),), search)
+
+
+_RANGES: dict[tuple, tuple[Trained, dict[int, dict[str, np.ndarray]]]] = {}
 
 
 def layer_grids(
@@ -473,6 +483,46 @@ def targets_for_budget(
         if best is not None:
             targets.append(round(best, 4))
     return sorted(set(targets))
+
+
+ABOVE_RAM_FLOOR = (0.0, 0.25, 0.5, 1.0)  # bits above the smallest target within a RAM budget, screened
+
+
+def targets_for_ram(
+    trained: Trained,
+    spec: PipelineSpec,
+    ram_budget: int,
+    *,
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    keep_dense: bool = True,
+    decode_code: int = 0,
+    kernels: str = "reference",
+    steps: Sequence[float] = ABOVE_RAM_FLOOR,
+    precision: float = 1 / 16,
+) -> list[float]:
+    """Planner targets for a search with an arena budget and no flash budget: the smallest target whose
+    plan fits the arena (bisection: a higher target only widens the flash the planner may use), and
+    `steps` above it, so the plans screened are the least-uncertainty ones near the RAM-feasible edge
+    (the paper methods' fixed targets can step straight over it: on digits, all-INT4 plans need an unpack
+    buffer the budget lacks and the next uniform plan is all int8). None when no target fits."""
+    lo, hi = float(max(2, spec.min_bits)), float(min(8, spec.max_bits))
+    kw = {"decode_budget": decode_budget, "keep_dense": keep_dense, "decode_code": decode_code}
+
+    def fits(t: float) -> bool:
+        try:
+            plan_layers(trained, t, spec, ram_budget=ram_budget, kernels=kernels, **kw)
+        except PlanError:
+            return False
+        return True
+
+    if not fits(hi):
+        return []
+    if not fits(lo):
+        while hi - lo > precision:  # invariant: lo does not fit, hi does
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    top = float(min(8, spec.max_bits))
+    return sorted({round(min(hi + s, top), 4) for s in steps})
 
 
 def planner_allocator(

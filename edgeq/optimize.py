@@ -217,15 +217,35 @@ def interval_ranges(
     one for a Dense (the storage the converter gives them). A layer without a posterior gets the
     unweighted squared error. Pass the result to quantize_model(ranges=...).
     """
-    from edgeq.quantizers import symmetric_range
-
     check_plan(model, plan)
+    uniform = {name: lb.bits for name, lb in plan.layers.items() if lb.quantizer == "uniform"}
+    folded = _bn_pairs(model, skip=_non_uniform(plan))
+    return {name: r[uniform[name]] for name, r in _ranges(model, uniform, posteriors, folded).items()}
+
+
+def interval_ranges_at(
+    model: keras.Model, bits: Sequence[int], posteriors: Sequence[LayerPosterior]
+) -> dict[int, dict[str, np.ndarray]]:
+    """interval_ranges of every posterior's layer at each bit width (uniform plans; one sort per layer)."""
+    names = [p.name for p in posteriors]
+    check_plan(model, BitPlan.from_bits({n: bits[0] for n in names}))
+    by_layer = _ranges(model, {n: tuple(bits) for n in names}, posteriors, _bn_pairs(model))
+    return {b: {n: r[b] for n, r in by_layer.items()} for b in bits}
+
+
+def _ranges(
+    model: keras.Model,
+    bits: Mapping[str, int | Sequence[int]],
+    posteriors: Sequence[LayerPosterior],
+    folded: Mapping[str, str],
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per named layer, its symmetric_ranges at its bit width(s), BatchNorm folded per `folded` (bn: conv)."""
+    from edgeq.quantizers import symmetric_ranges
+
     sigmas = {p.name: p.sigma for p in posteriors}
-    folded_by = {conv: bn for bn, conv in _bn_pairs(model, skip=_non_uniform(plan)).items()}
+    folded_by = {conv: bn for bn, conv in folded.items()}
     out = {}
-    for name, lb in plan.layers.items():
-        if lb.quantizer != "uniform":
-            continue
+    for name, b in bits.items():
         layer = model.get_layer(name)
         kernel = np.asarray(layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel)
         kernel = kernel.astype(np.float64)
@@ -237,7 +257,8 @@ def interval_ranges(
             kernel = kernel * scale
             sigma = None if sigma is None else sigma * np.abs(scale)
         weights = None if sigma is None else 1.0 / sigma**2
-        out[name] = symmetric_range(kernel, lb.bits, weights, per_channel=QUANTIZABLE[type(layer)])
+        widths = (b,) if isinstance(b, int) else tuple(b)
+        out[name] = symmetric_ranges(kernel, widths, weights, per_channel=QUANTIZABLE[type(layer)])
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy.special import ndtri
 
@@ -237,7 +239,18 @@ def symmetric_range(
     grid of `candidates` points, then as many around the best), each candidate's error exact (_errors_for).
     A channel of zeros gets r = 0, which symmetric_uniform maps to zeros.
     """
-    n = _levels_half(bits)
+    return symmetric_ranges(x, (bits,), weights, per_channel=per_channel, candidates=candidates)[bits]
+
+
+def symmetric_ranges(
+    x: np.ndarray,
+    bits: Iterable[int],
+    weights: np.ndarray | None = None,
+    *,
+    per_channel: bool = False,
+    candidates: int = 128,
+) -> dict[int, np.ndarray]:
+    """symmetric_range at each bit width, sorting x and summing its prefixes once for all of them."""
     cols = _columns(x, per_channel)
     if cols.size == 0 or not np.all(np.isfinite(cols)):
         raise PlanError("symmetric_range needs a non-empty array of finite values")
@@ -260,9 +273,13 @@ def symmetric_range(
 
     # Pass 1: r / max|x| on (0, 1]; pass 2: the same number of points across the best cell's neighbours.
     alpha = np.broadcast_to(np.arange(1, candidates + 1) / candidates, (chans, candidates))
-    best = alpha[0, np.argmin(_errors_for(key, prefix, n, alpha / n, count), axis=1)]
     step = 1.0 / candidates
-    fine = np.clip(best[:, None] + np.linspace(-step, step, candidates)[None, :], step / candidates, 1.0)
-    err = _errors_for(key, prefix, n, fine / n, count)
-    r = fine[np.arange(chans), np.argmin(err, axis=1)] * m
-    return r if per_channel else r.reshape(())
+    out = {}
+    for b in bits:
+        n = _levels_half(b)
+        best = alpha[0, np.argmin(_errors_for(key, prefix, n, alpha / n, count), axis=1)]
+        fine = np.clip(best[:, None] + np.linspace(-step, step, candidates)[None, :], step / candidates, 1.0)
+        err = _errors_for(key, prefix, n, fine / n, count)
+        r = fine[np.arange(chans), np.argmin(err, axis=1)] * m
+        out[int(b)] = r if per_channel else r.reshape(())
+    return out

@@ -96,21 +96,21 @@ def distinct_jobs(
 
 def planner_targets(trained: Trained, spec: PipelineSpec, opts: RunOptions) -> list[float]:
     """The planner's targets near the search's model flash budget (the board's less the runtime's and the
-    operators' code); none without a flash budget."""
+    operators' code); with only an arena budget, near the smallest flash within it; none without either."""
     from deploy.firmware.code_size import decode_code_bytes, firmware_code
-    from deploy.planning import reference_shapes, targets_for_budget
+    from deploy.planning import reference_shapes, targets_for_budget, targets_for_ram
 
     t = opts.target
+    decode = decode_code_bytes(t.kernels) if t.counts_code else 0
+    kw = {"decode_budget": t.decode_budget, "keep_dense": opts.keep_dense, "decode_code": decode}
+    kw["kernels"] = t.kernels
     if t.model_flash is None:
-        return []
+        return targets_for_ram(trained, spec, t.model_ram, **kw) if t.model_ram is not None else []
     budget = t.model_flash
     if t.board is not None:  # the board's flash also holds the runtime and every operator's kernel
         shapes = reference_shapes(trained, t.decode_budget, opts.keep_dense)
         code = firmware_code(t.kernels, sorted({op.kind for op in shapes.ops})).total
         budget = min(budget, t.board.firmware_flash_budget - code)
-    decode = decode_code_bytes(t.kernels) if t.counts_code else 0
-    kw = {"decode_budget": t.decode_budget, "keep_dense": opts.keep_dense, "decode_code": decode}
-    kw["kernels"] = t.kernels
     return targets_for_budget(trained, spec, budget, **kw)
 
 
