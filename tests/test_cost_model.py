@@ -186,3 +186,20 @@ def test_the_planner_prices_the_cmsis_nn_target_as_the_export_stores_it(digits):
     assert cand.plan.meta["assumes"]["kernels"] == "cmsis-nn"
     assert abs(len(cand.exported.deployed.model) - predicted["flash_bytes"]) <= 64
     assert predicted["arena_bytes"] < ref.plan.meta["predicted"]["arena_bytes"] / 2
+
+
+def test_an_arena_budget_alone_screens_the_planner_from_the_smallest_target_that_fits(digits):
+    from deploy.planning import targets_for_ram
+    from edgeq.errors import PlanError
+
+    spec, _, trained, shapes = digits
+    arena = {b: plan_layers(trained, b, spec, shapes=shapes).prediction.arena for b in (4, 8)}
+    assert arena[8] < arena[4]  # all int8: no INT4 unpack buffer in the reference kernels' arena
+    budget = (arena[4] + arena[8]) // 2
+    targets = targets_for_ram(trained, spec, budget)
+    first = targets[0]
+    assert 4 < first <= 8 and len(targets) >= 2
+    assert plan_layers(trained, first, spec, ram_budget=budget).prediction.arena <= budget
+    with pytest.raises(PlanError):  # the edge: 1/16 bit lower, nothing fits the arena
+        plan_layers(trained, first - 1 / 16, spec, ram_budget=budget)
+    assert targets_for_ram(trained, spec, arena[8] // 2) == []  # below every plan's arena
