@@ -8,7 +8,8 @@ Per seed, three real runs of the digits pipeline (subprocesses of `edgeq run`, t
 - cmsis-nn: the same with `--kernels cmsis-nn` (what the Cortex-M boards link: INT4 read packed);
 - budget: `--flash-budget 14667B` (85% of the old default model's 17,256 B), the budget search;
 - channels: `--prune-channels 0.5`, structured pruning in the run (issue 18);
-- channels-ram: the same with `--ram-budget 6224B` (int8 PTQ's 5,200 B arena + 1 KB), the search.
+- channels-ram: the same with `--ram-budget 6224B` (int8 PTQ's 5,200 B arena + 1 KB), the search;
+- prune-auto: `--prune auto --flash-budget 8000B`, the planner's zeros (HUFFMAN) below every dense plan.
 
 Peers, in the same command, on each seed's own float model (the default run's model_float.keras) and
 split (edgeq.pipeline.load_splits, the run's seed), no edgeq code in their quantization path: the
@@ -48,6 +49,7 @@ from edgeq.io import atomic_write_text  # noqa: E402
 BUDGET = 14667
 FLASH_TARGET = 15 * 1024
 SMALL_TARGET = 8 * 1024  # issue 18: the pruned digits model
+SMALL_BUDGET = 8000  # --prune auto's run: a model-file budget below every dense plan of the digits CNN
 RAM_BUDGET = 5200 + 1024  # the int8 PTQ model's host arena (reference kernels) + 1 KB: issue 19's target
 RUNS = {
     "default": [],
@@ -55,6 +57,7 @@ RUNS = {
     "budget": ["--flash-budget", f"{BUDGET}B"],
     "channels": ["--prune-channels", "0.5"],
     "channels-ram": ["--prune-channels", "0.5", "--ram-budget", f"{RAM_BUDGET}B"],
+    "prune-auto": ["--prune", "auto", "--flash-budget", f"{SMALL_BUDGET}B"],
 }
 KERNELS = {label: "reference" for label in RUNS} | {"cmsis-nn": "cmsis-nn"}
 
@@ -194,6 +197,15 @@ def targets(rows: list[dict]) -> list[dict]:
              "measured": f"{mean:.2f}%, {flash:,} B (max), arena {arena:,} B (max)",
              "met": mean >= 97.5 and flash <= SMALL_TARGET and arena <= int8 + 1024}
         )  # fmt: skip
+    sel = [r for r in rows if r.get("run") == "prune-auto"]
+    if sel:
+        mean = statistics.fmean(r["tflm_accuracy"] for r in sel)
+        flash = max(r["model_bytes"] for r in sel)
+        out.append(
+            {"target": f"--prune auto --flash-budget {SMALL_BUDGET}B (issue 18): mean TFLM >= 97.5% at model "
+                       "flash <= 8 KB",
+             "measured": f"{mean:.2f}%, {flash:,} B (max)", "met": mean >= 97.5 and flash <= SMALL_TARGET}
+        )  # fmt: skip
     sel = [r for r in rows if r.get("run") == "budget"]
     if sel:
         worst = min(r["tflm_accuracy"] for r in sel)
@@ -229,7 +241,9 @@ def markdown(res: dict) -> str:
         "with `--flash-budget 14667B`, `channels` with `--prune-channels 0.5` (half of conv1's, conv2's and "
         "fc1's output channels removed after the twin, the smaller model fine-tuned and given its own "
         f"twin), `channels-ram` with those flags and `--ram-budget {RAM_BUDGET}B` (the search screens the "
-        "planner from the smallest target whose plan fits that arena). Peers on each seed's own (unpruned) "
+        "planner from the smallest target whose plan fits that arena), `prune-auto` with `--prune auto "
+        f"--flash-budget {SMALL_BUDGET}B` (the planner zeroes 0-90% of each layer's least informative "
+        "weights where that pays in HUFFMAN-coded bytes). Peers on each seed's own (unpruned) "
         "float model and split, QAT with the same "
         "epochs, lr and batch, converted as is. TFLM accuracy on 270 test digits (one image = 0.37 points). "
         "Model = .tflite bytes; code = TFLM runtime + the model's kernels and decoders on a Cortex-M4 "
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="4,3,2", help="TF-MOT uniform QAT bit widths")
     ap.add_argument(
         "--runs",
-        default="default,cmsis-nn,budget,channels,channels-ram",
+        default=",".join(RUNS),
         help=f"edgeq runs: {', '.join(RUNS)}",
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeq_digits_targets"), help="run folders")

@@ -76,8 +76,9 @@ class RunOptions:
     distribute: str | None = None  # "multi-worker": the twin trains on the workers TF_CONFIG names
     target: Target = field(default_factory=Target)
     # --prune: the fraction of each planned layer's weights zeroed before QAT, the least informative
-    # (|mu|/sigma) first, kept at zero through QAT; storage auto then tries PRUNE and HUFFMAN as well
-    prune: float | None = None
+    # (|mu|/sigma) first, kept at zero through QAT; storage auto then tries PRUNE and HUFFMAN as well.
+    # "auto": the planner picks each layer's fraction with its bits (deploy.planning.ZERO_FRACTIONS)
+    prune: float | str | None = None
     # --prune-channels: the fraction of each hidden layer's output channels removed after the twin, the
     # least informative first; the smaller model is fine-tuned and gets its own twin (edgeq.training.shrink)
     prune_channels: float | None = None
@@ -91,10 +92,14 @@ def check_target_bits(bits: float) -> float:
     return float(bits)
 
 
-def check_prune(fraction: float | None, flag: str = "--prune") -> float | None:
-    """--prune, --prune-channels: None (none) or a fraction of each layer's weights (channels) in [0, 1)."""
-    if fraction is None:
-        return None
+PRUNE_AUTO = "auto"
+
+
+def check_prune(fraction: float | str | None, flag: str = "--prune") -> float | str | None:
+    """--prune, --prune-channels: None (none) or a fraction of each layer's weights (channels) in [0, 1);
+    --prune also "auto" (the planner's choice per layer)."""
+    if fraction is None or (fraction == PRUNE_AUTO and flag == "--prune"):
+        return fraction
     if not (np.isfinite(fraction) and 0.0 <= fraction < 1.0):
         what = "output channels to remove" if flag == "--prune-channels" else "weights to zero"
         raise PlanError(
@@ -124,8 +129,9 @@ class Candidate:
 
 
 def plan_key(method: str, plan: BitPlan) -> tuple:
-    """The identity of a plan within a search: its method and its per-layer bits."""
-    return (method, *sorted(plan.bits.items()))
+    """The identity of a plan within a search: its method, its per-layer bits and (--prune auto) zeros."""
+    zeros = tuple(sorted((plan.meta.get("zeros") or {}).items()))
+    return (method, *sorted(plan.bits.items()), *((("zeros", zeros),) if zeros else ()))
 
 
 def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, str]:
@@ -135,6 +141,11 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
     check_storage(opts.storage)
     check_prune(opts.prune)
     check_prune(opts.prune_channels, "--prune-channels")
+    if opts.prune == PRUNE_AUTO and method != "planner":
+        raise PlanError(
+            f"--prune auto lets the planner choose each layer's zeros; it needs --method planner (the "
+            f"default), not {method!r}: pass a fraction such as --prune 0.5 instead"
+        )
     check_spec(spec, opts.data)
     if opts.epochs is not None:
         if opts.epochs < 1:
@@ -197,7 +208,10 @@ def allocate_for(
         from deploy.planning import planner_allocator
 
         t = opts.target
-        planner = planner_allocator(t.decode_budget, t.model_ram, opts.keep_dense, t.kernels, t.counts_code)
+        zeros = opts.prune == PRUNE_AUTO
+        planner = planner_allocator(
+            t.decode_budget, t.model_ram, opts.keep_dense, t.kernels, t.counts_code, zeros=zeros
+        )
         return planner.allocate(trained, target_bits, spec, opts.seed)
     return allocate(method, trained, target_bits, spec, opts.seed)
 
@@ -262,13 +276,18 @@ def qat_model(trained: Trained, plan: BitPlan, opts: RunOptions):
     )
 
 
-def prune_masks(trained: Trained, plan: BitPlan, fraction: float | None) -> dict[str, np.ndarray]:
-    """--prune's masks: per planned layer with a posterior, 0 at its least informative weights."""
+def prune_masks(trained: Trained, plan: BitPlan, fraction: float | str | None) -> dict[str, np.ndarray]:
+    """--prune's masks: per planned layer with a posterior, 0 at its least informative weights (auto: the
+    share the planner chose for the layer, plan.meta["zeros"])."""
     if not fraction:
         return {}
     from edgeq.prune import informativeness_masks
 
-    return informativeness_masks([p for p in trained.posteriors if p.name in plan.layers], fraction)
+    posts = [p for p in trained.posteriors if p.name in plan.layers]
+    if fraction != PRUNE_AUTO:
+        return informativeness_masks(posts, fraction)
+    zeros = plan.meta.get("zeros") or {}
+    return {p.name: informativeness_masks([p], zeros[p.name])[p.name] for p in posts if zeros.get(p.name)}
 
 
 @dataclass(frozen=True)

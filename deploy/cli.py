@@ -100,16 +100,21 @@ def _options(args: argparse.Namespace):
     return opts, _sweep_targets(args.sweep_targets), _sweep_methods(args.sweep_methods), executor
 
 
-def _prune(text: str, flag: str = "--prune") -> float | None:
-    """--prune, --prune-channels: none, or a fraction of each layer's weights (channels) in [0, 1)."""
-    from deploy.app import check_prune
+def _prune(text: str, flag: str = "--prune") -> float | str | None:
+    """--prune, --prune-channels: none, or a fraction of each layer's weights (channels) in [0, 1);
+    --prune auto: the planner's choice per layer."""
+    from deploy.app import PRUNE_AUTO, check_prune
 
-    if str(text).strip().lower() in ("none", "0", ""):
+    word = str(text).strip().lower()
+    if word in ("none", "0", ""):
         return None
+    if word == PRUNE_AUTO and flag == "--prune":
+        return PRUNE_AUTO
     try:
         value = float(text)
     except ValueError as e:
-        raise EdgeqError(f"{flag} {text!r} is not a fraction; pass e.g. 0.5, or none") from e
+        choices = "e.g. 0.5, auto or none" if flag == "--prune" else "e.g. 0.5, or none"
+        raise EdgeqError(f"{flag} {text!r} is not a fraction; pass {choices}") from e
     return check_prune(value, flag)
 
 
@@ -291,8 +296,9 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         "--prune",
         default="none",
         help="zero this fraction of each planned layer's weights before QAT, the least informative "
-        "(|mu|/sigma) first, kept at zero through QAT; --storage auto then also tries prune and huffman "
-        "(default: none)",
+        "(|mu|/sigma) first, kept at zero through QAT; --storage auto then also tries prune and huffman; "
+        "auto: the planner chooses each layer's share (0, 0.5, 0.75 or 0.9) with its bits, pricing the "
+        "zeros' uncertainty against their HUFFMAN-coded bytes (default: none)",
     )
     r.add_argument(
         "--prune-channels",

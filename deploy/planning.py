@@ -301,9 +301,13 @@ def plan_layers(
     keep_dense: bool = True,
     decode_code: int = 0,
     kernels: str = "reference",
+    zeros: bool = False,
 ) -> Planned:
     """The least-uncertainty plan within the flash budget (default: the uniform plan's at target_bits)
     and, if given, TFLM's arena within ram_budget.
+
+    zeros (`--prune auto`): each layer may also set ZERO_FRACTIONS of its least informative weights to 0
+    and be stored HUFFMAN-coded (the huffman family; the zeros cost their (mu/sigma)^2 in uncertainty).
 
     shapes: the byte model's reference (reference_shapes; built here when None, from decode_budget and
     keep_dense, which must be the export's). decode_code: the DECODE kernel's flash on the target
@@ -330,7 +334,10 @@ def plan_layers(
         return {n: pins.get(n, min(max(b, lo), hi)) for n in planned}
 
     uniform = None
-    if flash_budget is None:
+    if flash_budget is None and target_bits < lo:  # below the smallest uniform plan: its flash, scaled
+        f_lo = exact(uniform_bits(lo))
+        budget = int(math.floor((f_lo.flash + code(f_lo)) * target_bits / lo))
+    elif flash_budget is None:
         fl, ce = math.floor(target_bits), math.ceil(target_bits)
         f_lo = exact(uniform_bits(fl))
         f_hi = f_lo if ce == fl else exact(uniform_bits(ce))
@@ -396,10 +403,17 @@ def plan_layers(
         total = pred.flash + code(pred)
         if best is None or (plan.cost, total) < (best[0].cost, best[1].flash + code(best[1])):
             best = (plan, pred, family)
+    if zeros:
+        found = _zeros_plan(
+            trained, shapes, pricing, allowed, fixed, budget - margin, ram_budget, target_bits, margin
+        )
+        if found is not None and (best is None or found[0].cost < best[0].cost):
+            best = (*found, "huffman")
     if best is None:
         ram = "" if ram_budget is None else f" and {ram_budget:,} B of arena"
+        kinds = "int4, lut or huffman" if zeros else "int4 or lut"
         raise PlanError(
-            f"no plan of {lo}..{hi} bits fits {budget:,} B of flash{ram} under int4 or lut storage; "
+            f"no plan of {lo}..{hi} bits fits {budget:,} B of flash{ram} under {kinds} storage; "
             f"raise the target bits or the {'flash' if ram_budget is None else 'flash or RAM'} budget"
         )
     plan, pred, family = best
@@ -410,6 +424,7 @@ def plan_layers(
     meta = {
         "target_bits": target_bits,
         "storage": pred.storage,
+        "zeros": {o.layer: o.zeros for o in plan.options if o.zeros},
         "storage_per_layer": layers_storage,
         "predicted": {"flash_bytes": pred.flash, "arena_bytes": pred.arena, "storage": pred.storage},
         "flash_budget": budget,
@@ -426,6 +441,98 @@ def plan_layers(
         "fixed_8_bit_layers": fixed,
     }
     return Planned(plan.to_bitplan("planner", meta=meta), pred, budget, uniform)
+
+
+ZERO_FRACTIONS = (0.0, 0.5, 0.75, 0.9)  # --prune auto: the shares of a layer's weights the planner may zero
+
+
+def zero_options(
+    trained: Trained, shapes: ModelShapes, grids: Mapping[str, Mapping[int, LayerGrid]], allowed
+) -> dict[str, list[tuple[Option, tuple]]]:
+    """Per planned layer, (option, its slices' stores) at each bit width and ZERO_FRACTIONS share of zeros,
+    HUFFMAN-coded where that pays (deploy.storage.cost.huffman_stores on the integers QAT starts from).
+
+    A zeroed weight costs (w / sigma)^2 in place of its quantization error, the weights zeroed are the
+    least informative ones (edgeq.prune.informativeness_masks, as the run's masks will be)."""
+    from deploy.storage.cost import huffman_stores
+    from edgeq.prune import informativeness_masks
+
+    kernels = start_kernels(trained.float_model, trained.posteriors)
+    posts = {p.name: p for p in trained.posteriors}
+    out: dict[str, list[tuple[Option, tuple]]] = {}
+    for name, widths in allowed.items():
+        layer = shapes.layer(name)
+        kernel, sigma = kernels[name]
+        w2 = 1.0 if sigma is None else 1.0 / sigma**2
+        masks = {
+            z: informativeness_masks([posts[name]], z)[name].reshape(kernel.shape) > 0 for z in ZERO_FRACTIONS
+        }
+        opts = []
+        for b in widths:
+            g = grids[name][b]
+            scale = np.asarray(g.grid.scale, dtype=np.float64)
+            scale = scale if g.grid.axis is not None else scale[0]
+            q = integers(kernel, scale, b)
+            extra = (kernel**2 - (q * scale - kernel) ** 2) * w2  # zeroing a weight instead of rounding it
+            for z, keep in masks.items():
+                cost = g.cost + float(np.sum(np.where(keep, 0.0, extra)))
+                stores = huffman_stores(layer, stored_layout(np.where(keep, q, 0), layer.op))
+                flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
+                size = posts[name].size
+                opts.append(
+                    (Option(name, b, "huffman", g.grid, flash, ram, max(cost, 0.0), size, zeros=z), stores)
+                )
+        out[name] = opts
+    return out
+
+
+def _zeros_plan(
+    trained: Trained,
+    shapes: ModelShapes,
+    pricing: _Pricing,
+    allowed,
+    fixed: Sequence[str],
+    budget: int,
+    ram_budget: int | None,
+    target_bits: float,
+    margin: int,
+) -> tuple[Plan, Prediction] | None:
+    """The least-uncertainty plan of the huffman family (zero_options) within budget, with some zeros and
+    smaller, by the margin, than --storage auto's int4/lut file of the same bits (else auto stores that)."""
+    from deploy.storage.cost import arena_of, flash_of
+
+    options = zero_options(trained, shapes, pricing.grids["lut"], allowed)
+    stores_of = {(o.layer, o.bits, o.zeros): st for opts in options.values() for o, st in opts}
+    plain = {n: slice_stores(shapes.layer(n), 8, "int8") for n in fixed}
+    code = pricing.decode_code
+
+    def stored(plan: Plan) -> Prediction:
+        stores = {**plain, **{o.layer: stores_of[(o.layer, o.bits, o.zeros)] for o in plan.options}}
+        return Prediction("huffman", flash_of(shapes, stores, "huffman"), arena_of(shapes, stores), stores)
+
+    def accept(plan: Plan) -> bool:
+        if not any(o.zeros for o in plan.options):
+            return False  # a dense plan: the int4 and lut families' (auto tries HUFFMAN only on zeros)
+        pred = stored(plan)
+        if ram_budget is not None and pred.arena > ram_budget:
+            return False
+        other = pricing.exact(plan.bits)
+        return pred.flash + code <= budget and other.flash + pricing.code(other) - pred.flash - code > margin
+
+    base = family_base(shapes, "huffman") + code + sum(store_flash(st) for st in plain.values())
+    try:
+        plan = plan_for_target(
+            {n: [o for o, _ in opts] for n, opts in options.items()},
+            target_bits,
+            flash_base=base,
+            ram_base=shapes.tail,
+            ram_floor=ram_floor(shapes),
+            flash_budget=budget,
+            accept=accept,
+        )
+    except PlanError:
+        return None
+    return plan, stored(plan)
 
 
 NEAR_BUDGET = (1.0, 0.99, 0.98, 0.96)  # fractions of a search's flash budget the planner is screened at
@@ -464,7 +571,8 @@ def targets_for_budget(
     """Planner targets whose flash budgets are these fractions of flash_budget (highest target that stays
     within each), so a search screens the planner's least-uncertainty plans just under its budget.
 
-    A fraction below the smallest uniform plan's flash gives no target.
+    A fraction below the smallest uniform plan's flash gives a target below min_bits: plan_layers then
+    budgets that share of the uniform plan's flash (only a plan with zeros, --prune auto, can reach it).
     """
     shapes = family_shapes(trained, decode_budget, keep_dense, kernels)
     lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
@@ -480,6 +588,8 @@ def targets_for_budget(
                 best = b + step
         if best is None and lo == hi and flash[lo] <= budget:
             best = float(lo)
+        if best is None and budget < flash[lo]:  # below every uniform plan: plan_layers scales lo's flash
+            best = max(1.0, lo * budget / flash[lo])
         if best is not None:
             targets.append(round(best, 4))
     return sorted(set(targets))
@@ -531,6 +641,7 @@ def planner_allocator(
     keep_dense: bool = True,
     kernels: str = "reference",
     count_code: bool = True,
+    zeros: bool = False,
 ) -> Allocator:
     """The planner as an Allocator for the run's export settings: decode budget, Dense form, arena budget,
     the kernel set (what is sliced and buffered, whose DECODE code a LUT plan pays) and whether the budget
@@ -547,6 +658,7 @@ def planner_allocator(
             keep_dense=keep_dense,
             decode_code=decode_code_bytes(kernels) if count_code else 0,
             kernels=kernels,
+            zeros=zeros,
         ).plan
 
     return Allocator("planner", allocate, "uncertainty x bytes planner (int4/LUT)", "*")

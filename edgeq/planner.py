@@ -163,6 +163,9 @@ class Option:
     ram_bytes: int
     cost: float
     size: int  # weights in the kernel, for the plan's mean bits
+    zeros: float = (
+        0.0  # the fraction of its least informative weights set to 0 first (entropy-coded storages)
+    )
 
     def __post_init__(self) -> None:
         for what in ("flash_bytes", "ram_bytes", "size"):
@@ -177,6 +180,8 @@ class Option:
                 f"option {self.layer!r}/{self.storage}/{self.bits}: cost {self.cost!r} is not >= 0"
             )
         object.__setattr__(self, "cost", float(self.cost))
+        if not 0.0 <= self.zeros < 1.0:
+            raise PlanError(f"option {self.layer!r}: zeros {self.zeros!r} is not a fraction in [0, 1)")
         if int(self.bits) != self.bits or int(self.bits) != self.grid.bits:
             raise PlanError(
                 f"option {self.layer!r}: bits {self.bits!r} differ from its grid's {self.grid.bits}"
@@ -225,6 +230,7 @@ class Plan:
                     "ram_bytes": o.ram_bytes,
                     "cost": o.cost,
                     "size": o.size,
+                    "zeros": o.zeros,
                     "grid": o.grid.to_dict(),
                 }
                 for o in self.options

@@ -35,6 +35,7 @@ from deploy.storage.cost import (
     slice_distinct,
 )
 from edgeq.allocators import ALLOCATORS, check_method
+from edgeq.errors import PlanError
 from edgeq.optimize import prepare_qat
 from edgeq.pipeline import load_pipeline
 from edgeq.plan import BitPlan
@@ -190,7 +191,6 @@ def test_the_planner_prices_the_cmsis_nn_target_as_the_export_stores_it(digits):
 
 def test_an_arena_budget_alone_screens_the_planner_from_the_smallest_target_that_fits(digits):
     from deploy.planning import targets_for_ram
-    from edgeq.errors import PlanError
 
     spec, _, trained, shapes = digits
     arena = {b: plan_layers(trained, b, spec, shapes=shapes).prediction.arena for b in (4, 8)}
@@ -203,3 +203,30 @@ def test_an_arena_budget_alone_screens_the_planner_from_the_smallest_target_that
     with pytest.raises(PlanError):  # the edge: 1/16 bit lower, nothing fits the arena
         plan_layers(trained, first - 1 / 16, spec, ram_budget=budget)
     assert targets_for_ram(trained, spec, arena[8] // 2) == []  # below every plan's arena
+
+
+def test_a_plan_with_zeros_is_stored_huffman_as_predicted(digits):
+    # --prune auto: below the smallest dense plan (target 1.5: 3/4 of the uniform 2-bit plan's flash) only
+    # zeros reach the budget; with the start weights kept (0 QAT epochs) the file is what was predicted
+    from dataclasses import replace
+
+    from deploy.target import Target
+
+    spec, opts, trained, shapes = digits
+    planned = plan_layers(trained, 1.5, spec, shapes=shapes, zeros=True)
+    with pytest.raises(PlanError):
+        plan_layers(trained, 1.5, spec, shapes=shapes)  # dense: nothing fits
+    zeros = planned.plan.meta["zeros"]
+    assert zeros and planned.prediction.storage == planned.plan.meta["storage"] == "huffman"
+    # a model-file budget, as a --flash-budget without a board sets: the DECODE kernel's code is not counted
+    model_file = replace(opts, prune="auto", target=Target(flash_budget=planned.budget))
+    assert not model_file.target.counts_code
+    cand = make_candidate(trained, spec, model_file, "planner", 1.5, 0, plan=planned.plan)
+    dep = cand.exported.deployed
+    assert dep.kind == "huffman" and cand.prune == "auto"
+    assert abs(len(dep.model) - planned.prediction.flash) <= max(64, FLASH_TOL * len(dep.model))
+    assert abs(arena_bytes(dep.model) - planned.prediction.arena) <= ARENA_TOL * arena_bytes(dep.model)
+    for t, _ in weight_inputs(read(cand.exported.uncompressed)):
+        name = layer_name(str(t.name))
+        values = tensor_values(t)
+        assert np.sum(values == 0) >= np.floor(zeros.get(name, 0.0) * values.size)  # the planned zeros

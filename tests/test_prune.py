@@ -158,7 +158,7 @@ def test_prune_in_the_run_zeroes_each_layer_and_tries_the_sparse_storages(pruned
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--prune", v) for v in ("1", "1.5", "-0.1", "half", "nan")]
-    + [("--prune-channels", v) for v in ("1", "-0.5", "most")],
+    + [("--prune-channels", v) for v in ("1", "-0.5", "most", "auto")],
 )
 def test_prune_fraction_outside_0_1_is_refused_before_training(tmp_path, capfd, flag, value):
     from pathlib import Path
@@ -224,3 +224,16 @@ def _tiny_sequential():
             keras.layers.Dense(10, name="head"),
         ]
     )
+
+
+def test_prune_auto_needs_the_planner(tmp_path, capfd):
+    from pathlib import Path
+
+    from deploy.cli import main
+
+    out = tmp_path / "out"
+    pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
+    assert main(["run", str(pipeline), "--prune", "auto", "--method", "qiu", "--out", str(out)]) == 2
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("edgeq:")]
+    assert len(err) == 1 and "--prune auto" in err[0] and "--method planner" in err[0], err
+    assert not out.exists()

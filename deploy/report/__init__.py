@@ -165,13 +165,23 @@ def _pruning_section(f: RunFacts) -> dict:
             }
         )
     removed, total = channel_totals(dict(t.channels))
+    if f.candidate.prune == "auto":  # --prune auto: the planner's share per layer, beside what was measured
+        planned = plan.meta.get("zeros") or {}
+        for row in layers:
+            row["zeros_planned"] = float(planned.get(row["name"], 0.0))
+        policy = (
+            "unstructured, the planner's choice: per layer 0, 0.5, 0.75 or 0.9 of its least informative "
+            "weights (|mu|/sigma) zeroed, priced with its bits by uncertainty cost and HUFFMAN-coded bytes"
+        )
+    elif f.candidate.prune:
+        policy = "unstructured: the least informative weights (|mu|/sigma) of each planned layer"
+    else:
+        policy = "no unstructured pruning"
     return {
         "fraction": f.candidate.prune,
         "channels_removed": removed,
         "channels_total": total,
-        "policy": "unstructured: the least informative weights (|mu|/sigma) of each planned layer"
-        if f.candidate.prune
-        else "no unstructured pruning",
+        "policy": policy,
         "channels_policy": "structured: each hidden layer's least informative output channels (mean "
         "|mu|/sigma) removed with the inputs that fed on them, the smaller model fine-tuned, its own twin",
         "storage": f.candidate.exported.deployed.kind,

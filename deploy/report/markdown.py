@@ -192,7 +192,10 @@ def _pruning(body) -> list[str]:
 
 def pruning_title(pr: dict) -> str:
     """The flags that pruned the model, as the pruning section's heading names them."""
-    parts = [f"--prune {pr['fraction']:g}"] if pr["fraction"] else []
+    fraction = pr["fraction"]  # None, a share, or "auto"
+    parts = (
+        [f"--prune {fraction if isinstance(fraction, str) else format(fraction, 'g')}"] if fraction else []
+    )
     if pr["channels"]:
         parts.append(f"--prune-channels: {pr['channels_removed']} of {pr['channels_total']} channels")
     return ", ".join(parts)

@@ -52,7 +52,8 @@ TAIL_DECODE = 157
 TAIL_TENSOR = 27
 TAIL_INT4_OP = 8  # an INT4 operator's scratch-buffer request
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-STORAGE_KINDS = ("int8", "int4", "lut")  # how one weight tensor is stored in the file
+STORAGE_KINDS = ("int8", "int4", "lut", "huffman")  # how one weight tensor is stored in the file
+DECODED = ("lut", "huffman")  # the tensor kinds a DECODE operator restores
 EXPORT_STORAGES = ("int4", "lut", "int8", "auto")  # whole-model storages predict() knows
 
 
@@ -151,6 +152,12 @@ class SliceStore:
     tables: Hashable | None = None  # lut: what its value tables hold; equal ones share one ancillary tensor
     per_channel: bool = False
     rank: int = 4  # dimensions of the weight tensor
+    coded: tuple[int, int] = (0, 0)  # huffman: (bitstream bytes, ancillary data bytes: DCM + tables)
+
+    @property
+    def decoded(self) -> bool:
+        """Stored behind a DECODE operator (lut, huffman): an output buffer in the arena, DECODE's structs."""
+        return self.kind in DECODED
 
     @property
     def index_bits(self) -> int:
@@ -164,11 +171,15 @@ class SliceStore:
             return _pad4(self.elements)
         if self.kind == "int4":
             return _pad4(-(-self.elements // 2))
+        if self.kind == "huffman":
+            return _pad4(self.coded[0])
         return _pad4(-(-self.elements * self.index_bits // 8))
 
     @property
     def ancillary_bytes(self) -> int:
-        """lut: the ancillary tensor's data (DCM + tables), padded to 4."""
+        """lut, huffman: the ancillary tensor's data (DCM + value or decode tables), padded to 4."""
+        if self.kind == "huffman":
+            return _pad4(self.coded[1])
         return _pad4(DCM_BYTES + self.units * self.stride) if self.kind == "lut" else 0
 
     @property
@@ -346,6 +357,25 @@ def slice_stores(
     return tuple(out)
 
 
+def huffman_stores(layer: LayerShape, values: np.ndarray) -> tuple[SliceStore, ...]:
+    """How deploy.storage.huffman stores each slice of a layer's integers (stored layout, slice_distinct's):
+    HUFFMAN where the code and its DECODE structure take fewer bytes than the int8 tensor, else int8."""
+    from deploy.storage.huffman import encoded_parts
+
+    v = np.asarray(values)
+    axis = v.ndim - 1 if layer.op == "DEPTHWISE_CONV_2D" else 0
+    rows = np.moveaxis(v, axis, 0)
+    rank = len(layer.shape)
+    out = []
+    for s in layer.slices:
+        part = np.moveaxis(rows[s.lo : s.hi], 0, axis).astype(np.int8)
+        coded = encoded_parts(part)
+        st = SliceStore("huffman", s.elements, s.units, per_channel=layer.per_channel, rank=rank, coded=coded)
+        raw = SliceStore("int8", s.elements, s.units, per_channel=layer.per_channel, rank=rank)
+        out.append(st if store_flash([st]) < store_flash([raw]) else raw)
+    return tuple(out)
+
+
 def store_flash(stores: Sequence[SliceStore]) -> int:
     """Bytes these tensors add to the file: payloads, and for lut the DECODE structure and ancillary data.
 
@@ -354,7 +384,7 @@ def store_flash(stores: Sequence[SliceStore]) -> int:
     total, seen = 0, set()
     for st in stores:
         total += st.payload
-        if st.kind != "lut":
+        if not st.decoded:
             continue
         total += LUT_TENSOR + LUT_DIM * st.rank
         key = st.share_key
@@ -368,7 +398,7 @@ def store_flash(stores: Sequence[SliceStore]) -> int:
 def family_base(shapes: ModelShapes, storage: str) -> int:
     """Flash of the stored file without the weight tensors' storage-dependent bytes (see store_flash)."""
     base = shapes.int8_flash - shapes.weight_bytes_int8
-    if storage == "lut":
+    if storage in DECODED:
         return base + LUT_OPCODE  # the DECODE operator code is new
     return base  # int8, int4: compact writes the same structure whatever the weights' types
 
@@ -391,8 +421,8 @@ def resolve(
 def flash_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]], storage: str) -> int:
     """Bytes of the stored file."""
     every = [st for layer in shapes.layers for st in stores[layer.name]]
-    if storage == "lut" and not any(st.kind == "lut" for st in every):
-        # nothing to compress: deploy.storage.lut hands back the widened model, the int8 storage's file
+    if storage in DECODED and not any(st.decoded for st in every):
+        # nothing to compress: the storage hands back the widened model, the int8 storage's file
         storage = "int8"
     return family_base(shapes, storage) + store_flash(every)
 
@@ -422,7 +452,7 @@ def arena_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]]) ->
     # The graph as it will run: one DECODE right before each operator that reads a compressed tensor.
     timeline: list[tuple[GraphOp, list[SliceStore]]] = []
     for k, op in enumerate(shapes.ops):
-        luts = [st for st in extra.get(k, []) if st.kind == "lut"]
+        luts = [st for st in extra.get(k, []) if st.decoded]
         if luts:
             timeline.append((GraphOp("TFLM_DECODE", (), ()), luts))
         timeline.append((op, [st for st in extra.get(k, []) if st.kind == "int4"]))
@@ -450,7 +480,7 @@ def arena_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]]) ->
     buffers += [(_align(shapes.activation_bytes[i]), first[i], last[i]) for i in first]
     every = [st for layer in shapes.layers for st in stores[layer.name]]
     distinct_anc = {st.share_key for st in every if st.kind == "lut" and st.share_key is not None}
-    added += sum(1 for st in every if st.kind == "lut" and st.share_key is None) + len(distinct_anc)
+    added += sum(1 for st in every if st.decoded and st.share_key is None) + len(distinct_anc)
     tail = shapes.tail + TAIL_DECODE * decodes + TAIL_TENSOR * added + TAIL_INT4_OP * int4_ops
     return _greedy(buffers) + tail
 
@@ -504,9 +534,9 @@ def layer_ram(shapes: ModelShapes, layer: LayerShape, stores: Sequence[SliceStor
     peak, tail = 0, 0
     for s, st in zip(layer.slices, stores, strict=True):
         int4 = st.kind == "int4" and shapes.int4_scratch
-        scratch = _align(st.elements) if st.kind == "lut" or int4 else 0
+        scratch = _align(st.elements) if st.decoded or int4 else 0
         peak = max(peak, live_at[s.op] + scratch)
-        tail += (TAIL_DECODE + 2 * TAIL_TENSOR) if st.kind == "lut" else TAIL_INT4_OP if int4 else 0
+        tail += (TAIL_DECODE + 2 * TAIL_TENSOR) if st.decoded else TAIL_INT4_OP if int4 else 0
     return peak + tail
 
 

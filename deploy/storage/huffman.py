@@ -231,10 +231,15 @@ def huffman_array(values: np.ndarray) -> HuffmanArray:
 
 def encoded_size(values: np.ndarray) -> int:
     """HUFFMAN payload bytes of an int8 array (bitstream + DCM + tables), without writing the bitstream."""
+    return sum(encoded_parts(values))
+
+
+def encoded_parts(values: np.ndarray) -> tuple[int, int]:
+    """(bitstream bytes, ancillary bytes: DCM + tables) of an int8 array's HUFFMAN encoding."""
     symbols = _symbols(values)
     code, tables = _code_and_tables(symbols)
     _, words = _stream_words(symbols, code, tables)
-    return words * (_WORD_BITS // 8) + decode.DecodeCommonMetadata.SIZE + 2 * len(tables.entries)
+    return words * (_WORD_BITS // 8), decode.DecodeCommonMetadata.SIZE + 2 * len(tables.entries)
 
 
 class HuffmanCompressor(compressor.Compressor):
