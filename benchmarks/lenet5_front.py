@@ -413,14 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cmsis-ram-targets",
         default="",
-        help="planner targets also planned for CMSIS-NN within --cmsis-ram-budget (exported for cmsis-nn)",
+        help="planner targets also planned for CMSIS-NN within --cmsis-ram-budget (exported for cmsis-nn); "
+        "auto: the search's (deploy.planning.targets_for_ram)",
     )
     ap.add_argument("--cmsis-ram-budget", type=int, default=26_000, help="arena bytes for those rows")
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
     targets = [float(t) for t in args.targets.split(",") if t]
-    ram_targets = [float(t) for t in args.cmsis_ram_targets.split(",") if t]
+    auto_ram = args.cmsis_ram_targets == "auto"
+    ram_targets = [] if auto_ram else [float(t) for t in args.cmsis_ram_targets.split(",") if t]
     bits = [int(b) for b in args.bits.split(",")]
 
     started_at = commit()  # the code that runs: later commits must not relabel it
@@ -432,6 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         score = Scorer(s.x_test, s.y_test)
         rows = peer_rows(trained, spec, args.seed, bits, score, log)
         mine = edgeq_rows(trained, spec, base, targets, args.verify_rows, score, log)
+        if auto_ram:
+            from deploy.firmware.code_size import decode_code_bytes
+            from deploy.planning import targets_for_ram
+
+            code = decode_code_bytes("cmsis-nn")
+            ram_targets = targets_for_ram(
+                trained, spec, args.cmsis_ram_budget, kernels="cmsis-nn", decode_code=code
+            )
+            log(f"targets within {args.cmsis_ram_budget:,} B of CMSIS-NN arena: {ram_targets}")
         if ram_targets:  # the search's RAM-budget planning (arena within the budget) for the CMSIS-NN board
             from deploy.target import load_target
 

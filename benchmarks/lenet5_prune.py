@@ -43,6 +43,11 @@ from edgeq.io import atomic_write_text  # noqa: E402
 FLASH_TARGET, ARENA_TARGET, ACC_TARGET = 80 * 1024, 64 * 1024, 99.3
 
 
+def _f(v: float | str) -> str:
+    """A pruning fraction as the tables print it (auto stays a word)."""
+    return v if isinstance(v, str) else f"{v:g}"
+
+
 def variant_rows(cand, trained, fraction: float, target: float, score, channels: float = 0.0) -> list[dict]:
     """Every stored variant of one pruned candidate: bytes, arena, latency; the limits beside them."""
     from deploy.export.limits import packing_limit
@@ -66,6 +71,7 @@ def variant_rows(cand, trained, fraction: float, target: float, score, channels:
                 "channels": channels,
                 "parameters": int(trained.float_model.count_params()),
                 "prune": fraction,
+                "zeros": cand.plan.meta.get("zeros") or {},  # --prune auto: the planner's share per layer
                 "target_bits": target,
                 "bits": dict(cand.plan.bits),
                 "mean_bits": round(cand.plan.mean_bits(trained.sizes), 3),
@@ -152,7 +158,7 @@ def markdown(res: dict) -> str:
         mark = " (deployed)" if r["deployed"] else ""
         lines.append(
             f"| {r.get('channels', 0.0):g} | {r.get('parameters', 0):,} | "
-            f"{r['prune']:g} | {r['target_bits']:g} | {r['mean_bits']:.2f} | {r['storage']}{mark} | "
+            f"{_f(r['prune'])} | {r['target_bits']:g} | {r['mean_bits']:.2f} | {r['storage']}{mark} | "
             f"{r['tflm_accuracy']:.2f} | {r['model_bytes']:,} | {r['packing_limit_bytes']:,} | "
             f"{r['entropy_limit_bytes']:,} | {r['arena_bytes']:,} | {r['latency_us']:,.0f} |"
         )
@@ -167,7 +173,7 @@ def markdown(res: dict) -> str:
         ]
     for r in res["ratios"] if keys else []:
         lines.append(
-            f"| {r.get('channels', 0.0):g} | {r['prune']:g} | {r['target_bits']:g} | "
+            f"| {r.get('channels', 0.0):g} | {_f(r['prune'])} | {r['target_bits']:g} | "
             + " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in keys)
             + " |"
         )
@@ -197,7 +203,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {d['peer']} | none | — | — | — |")
                 continue
             lines.append(
-                f"| {d['peer']} | channels {e['channels']:g}, prune {e['prune']:g}, target "
+                f"| {d['peer']} | channels {e['channels']:g}, prune {_f(e['prune'])}, target "
                 f"{e['target_bits']:g}, {e['storage']} | {e['tflm_accuracy']:.2f} | {e['model_bytes']:,} | "
                 f"{e['arena_bytes']:,} |"
             )
@@ -219,7 +225,7 @@ def targets(rows: list[dict]) -> list[dict]:
     def say(r: dict) -> str:
         return (
             f"{r['tflm_accuracy']:.2f}% at {r['model_bytes']:,} B, arena {r['arena_bytes']:,} B "
-            f"(channels {r.get('channels', 0.0):g}, prune {r['prune']:g}, target {r['target_bits']:g}, "
+            f"(channels {r.get('channels', 0.0):g}, prune {_f(r['prune'])}, target {r['target_bits']:g}, "
             f"{r['storage']})"
         )
 
@@ -235,7 +241,7 @@ def targets(rows: list[dict]) -> list[dict]:
         {
             "target": "deployed flash below the plan's fixed-width packing limit",
             "measured": "; ".join(
-                f"prune {r['prune']:g} t{r['target_bits']:g} {r['storage']}: {r['model_bytes']:,} "
+                f"prune {_f(r['prune'])} t{r['target_bits']:g} {r['storage']}: {r['model_bytes']:,} "
                 f"< {r['packing_limit_bytes']:,}"
                 for r in below[:4]
             )
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from lenet5_front import Scorer, beside, lenet_parser, missing_data, peer_rows, trained_pipeline
 
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
-    ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions")
+    ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions, or auto (the planner's)")
     ap.add_argument(
         "--channels", default="0", help="structured pruning fractions (0: none; else lenet5_prune_channels)"
     )
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
-    fractions = [float(f) for f in args.prune.split(",")]
+    fractions = [f if f == "auto" else float(f) for f in args.prune.split(",")]  # auto: the planner's zeros
     channel_fractions = [float(c) for c in args.channels.split(",")]
     targets_bits = [float(t) for t in args.targets.split(",")]
 
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     for r in variant_rows(cand, pruned, fraction, target, score, channels):
                         rows.append(r)
                         log(
-                            f"channels {channels:g} prune {fraction:g} t{target:g} {r['storage']:8s}: TFLM "
+                            f"channels {channels:g} prune {_f(fraction)} t{target:g} {r['storage']:8s}: TFLM "
                             f"{r['tflm_accuracy']:.2f}% model {r['model_bytes']:,} B (limit "
                             f"{r['packing_limit_bytes']:,}, entropy {r['entropy_limit_bytes']:,}) arena "
                             f"{r['arena_bytes']:,} B {r['latency_us']:.0f} us"
