@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     targets_bits = [float(t) for t in args.targets.split(",")]
 
     from deploy.app import make_candidate
+    from edgeq.errors import PlanError
     from edgeq.training import shrink
 
     started_at = commit()  # the code that runs: later commits must not relabel it
@@ -296,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             for fraction in fractions:
                 for target in targets_bits:
                     opts = dataclasses.replace(base, prune=fraction or None)
-                    cand = make_candidate(short, spec, opts, "planner", target, spec.qat_epochs)
+                    try:
+                        cand = make_candidate(short, spec, opts, "planner", target, spec.qat_epochs)
+                    except PlanError as e:  # e.g. a target below what even the zeros reach
+                        log(f"channels {channels:g} prune {_f(fraction)} t{target:g}: no plan ({e})")
+                        continue
                     for r in variant_rows(cand, pruned, fraction, target, score, channels):
                         rows.append(r)
                         log(
