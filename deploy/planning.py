@@ -615,7 +615,8 @@ def targets_for_ram(
     `steps` above it, so the plans screened are the least-uncertainty ones near the RAM-feasible edge
     (the paper methods' fixed targets can step straight over it: on digits, all-INT4 plans need an unpack
     buffer the budget lacks and the next uniform plan is all int8). None when no target fits."""
-    lo, hi = float(max(2, spec.min_bits)), float(min(8, spec.max_bits))
+    lo, top = float(max(2, spec.min_bits)), float(min(8, spec.max_bits))
+    hi = top
     kw = {"decode_budget": decode_budget, "keep_dense": keep_dense, "decode_code": decode_code}
 
     def fits(t: float) -> bool:
@@ -631,7 +632,6 @@ def targets_for_ram(
         while hi - lo > precision:  # invariant: lo does not fit, hi does
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    top = float(min(8, spec.max_bits))
     return sorted({round(min(hi + s, top), 4) for s in steps})
 
 

@@ -220,7 +220,8 @@ def interval_ranges(
     check_plan(model, plan)
     uniform = {name: lb.bits for name, lb in plan.layers.items() if lb.quantizer == "uniform"}
     folded = _bn_pairs(model, skip=_non_uniform(plan))
-    return {name: r[uniform[name]] for name, r in _ranges(model, uniform, posteriors, folded).items()}
+    ranges = _ranges(model, {name: (b,) for name, b in uniform.items()}, posteriors, folded)
+    return {name: r[uniform[name]] for name, r in ranges.items()}
 
 
 def interval_ranges_at(
@@ -235,17 +236,17 @@ def interval_ranges_at(
 
 def _ranges(
     model: keras.Model,
-    bits: Mapping[str, int | Sequence[int]],
+    bits: Mapping[str, Sequence[int]],
     posteriors: Sequence[LayerPosterior],
     folded: Mapping[str, str],
 ) -> dict[str, dict[int, np.ndarray]]:
-    """Per named layer, its symmetric_ranges at its bit width(s), BatchNorm folded per `folded` (bn: conv)."""
+    """Per named layer, its symmetric_ranges at its bit widths, BatchNorm folded per `folded` (bn: conv)."""
     from edgeq.quantizers import symmetric_ranges
 
     sigmas = {p.name: p.sigma for p in posteriors}
     folded_by = {conv: bn for bn, conv in folded.items()}
     out = {}
-    for name, b in bits.items():
+    for name, widths in bits.items():
         layer = model.get_layer(name)
         kernel = np.asarray(layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel)
         kernel = kernel.astype(np.float64)
@@ -257,7 +258,6 @@ def _ranges(
             kernel = kernel * scale
             sigma = None if sigma is None else sigma * np.abs(scale)
         weights = None if sigma is None else 1.0 / sigma**2
-        widths = (b,) if isinstance(b, int) else tuple(b)
         out[name] = symmetric_ranges(kernel, widths, weights, per_channel=QUANTIZABLE[type(layer)])
     return out
 

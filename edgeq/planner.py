@@ -163,9 +163,8 @@ class Option:
     ram_bytes: int
     cost: float
     size: int  # weights in the kernel, for the plan's mean bits
-    zeros: float = (
-        0.0  # the fraction of its least informative weights set to 0 first (entropy-coded storages)
-    )
+    # the share of its least informative weights set to 0 first (entropy-coded storages)
+    zeros: float = 0.0
 
     def __post_init__(self) -> None:
         for what in ("flash_bytes", "ram_bytes", "size"):

@@ -313,15 +313,20 @@ Distinct = Mapping[str, Sequence[tuple[int, Hashable | None]]]
 FULL = "full"  # the tables key of units holding every level of their symmetric grid
 
 
+def _slice_parts(layer: LayerShape, values: np.ndarray) -> list[np.ndarray]:
+    """Each slice's part of a layer's integers in the stored layout (channels on axis 0; depthwise: the
+    last axis), its channels moved to axis 0."""
+    v = np.asarray(values)
+    rows = np.moveaxis(v, v.ndim - 1 if layer.op == "DEPTHWISE_CONV_2D" else 0, 0)
+    return [rows[s.lo : s.hi] for s in layer.slices]
+
+
 def slice_distinct(layer: LayerShape, values: np.ndarray) -> tuple[tuple[int, Hashable], ...]:
     """(stride, tables key) of each slice of a layer from its integer weights, as deploy.storage.lut will
     see them. values: the stored layout (channels on axis 0; depthwise: the last axis)."""
-    v = np.asarray(values)
-    axis = v.ndim - 1 if layer.op == "DEPTHWISE_CONV_2D" else 0
-    v = np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)
     out = []
-    for s in layer.slices:
-        part = v[s.lo : s.hi]
+    for part in _slice_parts(layer, values):
+        part = part.reshape(part.shape[0], -1)
         rows = part if layer.per_channel else part.reshape(1, -1)
         tables = [np.unique(r) for r in rows]
         stride = max(t.size for t in tables)
@@ -362,14 +367,11 @@ def huffman_stores(layer: LayerShape, values: np.ndarray) -> tuple[SliceStore, .
     HUFFMAN where the code and its DECODE structure take fewer bytes than the int8 tensor, else int8."""
     from deploy.storage.huffman import encoded_parts
 
-    v = np.asarray(values)
-    axis = v.ndim - 1 if layer.op == "DEPTHWISE_CONV_2D" else 0
-    rows = np.moveaxis(v, axis, 0)
+    axis = np.ndim(values) - 1 if layer.op == "DEPTHWISE_CONV_2D" else 0
     rank = len(layer.shape)
     out = []
-    for s in layer.slices:
-        part = np.moveaxis(rows[s.lo : s.hi], 0, axis).astype(np.int8)
-        coded = encoded_parts(part)
+    for s, part in zip(layer.slices, _slice_parts(layer, values), strict=True):
+        coded = encoded_parts(np.moveaxis(part, 0, axis).astype(np.int8))  # back in the stored order
         st = SliceStore("huffman", s.elements, s.units, per_channel=layer.per_channel, rank=rank, coded=coded)
         raw = SliceStore("int8", s.elements, s.units, per_channel=layer.per_channel, rank=rank)
         out.append(st if store_flash([st]) < store_flash([raw]) else raw)
