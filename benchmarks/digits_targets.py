@@ -2,17 +2,19 @@
 
     python benchmarks/digits_targets.py [--seeds 0,1,2] [--bits 4,3,2] [--work DIR]
 
-Per seed, three real runs of the digits pipeline (subprocesses of `edgeq run`, the default planner):
+Per seed, real runs of the digits pipeline (subprocesses of `edgeq run`, the default planner; the
+pipeline removes half of each hidden layer's output channels after the twin unless told otherwise):
 
 - default: `edgeq run pipelines/digits.py --seed S` (no board: reference kernels, 16 KiB decode budget);
 - cmsis-nn: the same with `--kernels cmsis-nn` (what the Cortex-M boards link: INT4 read packed);
-- budget: `--flash-budget 14667B` (85% of the old default model's 17,256 B), the budget search;
-- channels: `--prune-channels 0.5`, structured pruning in the run (issue 18);
-- channels-ram: the same with `--ram-budget 6224B` (int8 PTQ's 5,200 B arena + 1 KB), the search;
-- channels-fit: both budgets, `--ram-budget 6224B --flash-budget 8KiB`;
-- prune-auto: `--prune auto --flash-budget 8000B`, the planner's zeros (HUFFMAN) below every dense plan.
+- budget: `--flash-budget 14667B` (85% of the full net's old 17,256 B), the budget search;
+- dense: `--prune-channels none`, the full 24k-parameter net (the default before structured pruning);
+- ram: `--ram-budget 6224B` (the full net's int8 PTQ arena, 5,200 B, + 1 KB), the search;
+- fit: both budgets, `--ram-budget 6224B --flash-budget 8KiB`;
+- prune-auto: `--prune-channels none --prune auto --flash-budget 8000B`, the planner's zeros (HUFFMAN) on
+  the full net, below every dense plan.
 
-Peers, in the same command, on each seed's own float model (the default run's model_float.keras) and
+Peers, in the same command, on each seed's own full float model (the dense run's model_float.keras) and
 split (edgeq.pipeline.load_splits, the run's seed), no edgeq code in their quantization path: the
 converter's int8 PTQ (the run's model_int8.tflite) and plain TF-MOT uniform QAT at each --bits
 (benchmarks/lowbit_qat.py: LastValueQuantizer per-axis Conv2D, MovingAverage activations; the pipeline's
@@ -22,9 +24,9 @@ points); model = .tflite bytes; code = TFLM runtime + the model's kernels and de
 TFLM without the INT4 unpack scratch, deploy.measure.tflm.kernel_set_arena).
 
 Targets: default run mean TFLM >= 97.5%, model flash <= 15 KB (15,360 B; decoders' code on top) and
-arena <= int8 PTQ's + 1 KB for that kernel set; budget run >= 96% and within the budget, under 90 s;
-channels run (issue 18) mean >= 97.5% at <= 8 KB; channels-ram run: both, and the default run's arena
-target on the reference kernels. `--reuse` reads runs already in --work (marked so).
+arena <= int8 PTQ's + 1 KB for that kernel set (issue 19), and <= 8 KB (issue 18); budget run >= 96% and
+within the budget, under 90 s; ram and fit runs: both, and the arena target on the reference kernels.
+`--reuse` reads runs already in --work (marked so).
 Writes benchmarks/results/digits_targets.md and .json.
 """
 
@@ -56,10 +58,10 @@ RUNS = {
     "default": [],
     "cmsis-nn": ["--kernels", "cmsis-nn"],
     "budget": ["--flash-budget", f"{BUDGET}B"],
-    "channels": ["--prune-channels", "0.5"],
-    "channels-ram": ["--prune-channels", "0.5", "--ram-budget", f"{RAM_BUDGET}B"],
-    "channels-fit": ["--prune-channels", "0.5", "--ram-budget", f"{RAM_BUDGET}B", "--flash-budget", "8KiB"],
-    "prune-auto": ["--prune", "auto", "--flash-budget", f"{SMALL_BUDGET}B"],
+    "dense": ["--prune-channels", "none"],
+    "ram": ["--ram-budget", f"{RAM_BUDGET}B"],
+    "fit": ["--ram-budget", f"{RAM_BUDGET}B", "--flash-budget", "8KiB"],
+    "prune-auto": ["--prune-channels", "none", "--prune", "auto", "--flash-budget", f"{SMALL_BUDGET}B"],
 }
 KERNELS = {label: "reference" for label in RUNS} | {"cmsis-nn": "cmsis-nn"}
 
@@ -101,8 +103,8 @@ def edgeq_run(label: str, seed: int, out: Path, reuse: bool = False) -> dict:
         "seconds": seconds,
         "reused": reused,  # read from an earlier run's folder (--reuse), not run by this command
     }
-    if label.startswith("channels"):
-        pr = rep["pruning"]
+    pr = rep.get("pruning") or {}
+    if pr.get("channels_removed"):
         row["channels"] = f"{pr['channels_removed']} of {pr['channels_total']}"
         row["int8_arena_bytes"] = rep["models"]["int8"]["arena_bytes"]  # the smaller model's own int8
     if label == "budget":
@@ -177,15 +179,15 @@ def targets(rows: list[dict]) -> list[dict]:
             {"target": f"{label} run: arena <= int8 PTQ's + 1 KB ({kernels} kernels: {int8:,} + 1,024 B)",
              "measured": f"{arena:,} B (max)", "met": arena <= int8 + 1024},
         ]  # fmt: skip
-    sel = [r for r in rows if r.get("run") == "channels"]
+    sel = [r for r in rows if r.get("run") == "default"]
     if sel:
         mean = statistics.fmean(r["tflm_accuracy"] for r in sel)
         flash = max(r["model_bytes"] for r in sel)
         out.append(
-            {"target": "--prune-channels 0.5 (issue 18): mean TFLM >= 97.5% at model flash <= 8 KB (8,192 B)",
+            {"target": "default run (issue 18): mean TFLM >= 97.5% at model flash <= 8 KB (8,192 B)",
              "measured": f"{mean:.2f}%, {flash:,} B (max)", "met": mean >= 97.5 and flash <= SMALL_TARGET}
         )  # fmt: skip
-    for label in ("channels-ram", "channels-fit"):
+    for label in ("ram", "fit"):
         sel = [r for r in rows if r.get("run") == label]
         if not sel:
             continue
@@ -241,15 +243,15 @@ def markdown(res: dict) -> str:
         "",
         "Seeds " + ", ".join(map(str, res["seeds"])) + ". Each edgeq row is a real `edgeq run "
         "pipelines/digits.py --seed S` (float 30 / twin 20 / QAT 5 epochs, the default planner, --storage "
-        "auto): `default` without flags (reference kernels), `cmsis-nn` with `--kernels cmsis-nn`, `budget` "
-        "with `--flash-budget 14667B`, `channels` with `--prune-channels 0.5` (half of conv1's, conv2's and "
-        "fc1's output channels removed after the twin, the smaller model fine-tuned and given its own "
-        f"twin), `channels-ram` with those flags and `--ram-budget {RAM_BUDGET}B` (the search screens the "
-        "planner from the smallest target whose plan fits that arena), `channels-fit` with "
-        "`--flash-budget 8KiB` as well, `prune-auto` with `--prune auto "
+        "auto; the pipeline removes half of conv1's, conv2's and fc1's output channels after the twin, the "
+        "smaller model fine-tuned and given its own twin): `default` without flags (reference kernels), "
+        "`cmsis-nn` with `--kernels cmsis-nn`, `budget` with `--flash-budget 14667B`, `dense` with "
+        f"`--prune-channels none` (the full net), `ram` with `--ram-budget {RAM_BUDGET}B` (the search "
+        "screens the planner from the smallest target whose plan fits that arena), `fit` with "
+        "`--flash-budget 8KiB` as well, `prune-auto` with `--prune-channels none --prune auto "
         f"--flash-budget {SMALL_BUDGET}B` (the planner zeroes 0-90% of each layer's least informative "
-        "weights where that pays in HUFFMAN-coded bytes). Peers on each seed's own (unpruned) "
-        "float model and split, QAT with the same "
+        "weights where that pays in HUFFMAN-coded bytes). Peers on each seed's own full (unpruned) "
+        "float model, the dense run's, and split, QAT with the same "
         "epochs, lr and batch, converted as is. TFLM accuracy on 270 test digits (one image = 0.37 points). "
         "Model = .tflite bytes; code = TFLM runtime + the model's kernels and decoders on a Cortex-M4 "
         "(measured table, deploy/firmware/code_size.json); firmware flash = model + code. Arena for the "
@@ -312,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     bits = [int(b) for b in args.bits.split(",")]
     labels = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in labels if r not in RUNS] + ([] if "default" in labels else ["(default is needed)"])
+    need = [f"({r} is needed)" for r in ("default", "dense") if r not in labels]  # dense: the peers' model
+    unknown = [r for r in labels if r not in RUNS] + need
     if unknown:
         print(
             f"error: --runs {args.runs}: {', '.join(unknown)}; use some of {', '.join(RUNS)}", file=sys.stderr
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 line + f"arena {r['arena_bytes']:,} {r['storage']} {r['bits']} {r['seconds']:.0f} s",
                 flush=True,
             )
-        rows += peer_rows(seed, args.work / f"default_s{seed}", bits)
+        rows += peer_rows(seed, args.work / f"dense_s{seed}", bits)
     res = {
         "command": " ".join(
             ["python benchmarks/digits_targets.py", *(argv if argv is not None else sys.argv[1:])]

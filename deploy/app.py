@@ -80,7 +80,8 @@ class RunOptions:
     # "auto": the planner picks each layer's fraction with its bits (deploy.planning.ZERO_FRACTIONS)
     prune: float | str | None = None
     # --prune-channels: the fraction of each hidden layer's output channels removed after the twin, the
-    # least informative first; the smaller model is fine-tuned and gets its own twin (edgeq.training.shrink)
+    # least informative first; the smaller model is fine-tuned and gets its own twin (edgeq.training.shrink).
+    # None: the pipeline's (PipelineSpec.prune_channels); 0: none
     prune_channels: float | None = None
     force: bool = False  # replace files in out that edgeq did not write (see deploy.artifacts)
 
@@ -93,6 +94,19 @@ def check_target_bits(bits: float) -> float:
 
 
 PRUNE_AUTO = "auto"
+
+
+def channels_of(spec: PipelineSpec, opts: RunOptions) -> float | None:
+    """The share of output channels this run removes: --prune-channels, else the pipeline's (None: none)."""
+    if opts.prune_channels is not None:
+        return check_prune(opts.prune_channels, "--prune-channels")
+    fraction = spec.prune_channels
+    if not (isinstance(fraction, (int, float)) and 0.0 <= fraction < 1.0):
+        raise PlanError(
+            f"pipeline {spec.name!r} sets prune_channels={fraction!r}, outside [0, 1); fix the pipeline "
+            "script, or override it with --prune-channels FRACTION|none"
+        )
+    return float(fraction) or None
 
 
 def check_prune(fraction: float | str | None, flag: str = "--prune") -> float | str | None:
@@ -140,7 +154,7 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
     method = check_method(opts.method or spec.method or DEFAULT_METHOD).name
     check_storage(opts.storage)
     check_prune(opts.prune)
-    check_prune(opts.prune_channels, "--prune-channels")
+    channels_of(spec, opts)
     if opts.prune == PRUNE_AUTO and method != "planner":
         raise PlanError(
             f"--prune auto lets the planner choose each layer's zeros; it needs --method planner (the "
@@ -168,8 +182,9 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
     shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else None
     outputs = int(model.outputs[0].shape[-1] or 1) if getattr(model, "outputs", None) else None
     check_splits(splits, shape, outputs, splits.task)
-    if opts.prune_channels:
-        check_pruned_form(model, opts.prune_channels, splits.x_train)
+    channels = channels_of(spec, opts)
+    if channels:
+        check_pruned_form(model, channels, splits.x_train)
     # Models (float, QAT, two .tflite), C arrays in four copies, the test split, reports and plots.
     need = 64 * model.count_params() + splits.x_test.nbytes + splits.y_test.nbytes + (1 << 20)
     check_space(Path(opts.out), need)
@@ -177,10 +192,10 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
 
     strategy = strategy_for(opts.distribute)
     trained = train(spec, splits, opts.seed, on_stage, model=model, strategy=strategy)
-    if opts.prune_channels:
+    if channels:
         from edgeq.training import shrink
 
-        trained = shrink(spec, trained, opts.prune_channels, opts.seed, on_stage, strategy)
+        trained = shrink(spec, trained, channels, opts.seed, on_stage, strategy)
     return trained
 
 

@@ -105,9 +105,11 @@ def _prune(text: str, flag: str = "--prune") -> float | str | None:
     --prune auto: the planner's choice per layer."""
     from deploy.app import PRUNE_AUTO, check_prune
 
+    if text is None:  # --prune-channels not given: the pipeline's
+        return None
     word = str(text).strip().lower()
     if word in ("none", "0", ""):
-        return None
+        return 0.0 if flag == "--prune-channels" else None  # channels 0: none, whatever the pipeline says
     if word == PRUNE_AUTO and flag == "--prune":
         return PRUNE_AUTO
     try:
@@ -115,7 +117,8 @@ def _prune(text: str, flag: str = "--prune") -> float | str | None:
     except ValueError as e:
         choices = "e.g. 0.5, auto or none" if flag == "--prune" else "e.g. 0.5, or none"
         raise EdgeqError(f"{flag} {text!r} is not a fraction; pass {choices}") from e
-    return check_prune(value, flag)
+    fraction = check_prune(value, flag)
+    return 0.0 if fraction is None and flag == "--prune-channels" else fraction
 
 
 def _sweep_targets(text: str) -> tuple[float, ...]:
@@ -163,9 +166,9 @@ def _run(args: argparse.Namespace) -> int:
     opts, targets, methods, executor = _options(args)
     strategy_for(args.distribute)  # collective ops must be set up before TensorFlow runs any op
     spec = _spec(args)
-    from deploy.app import stages_for
+    from deploy.app import channels_of, stages_for
 
-    progress = Progress(args.quiet, args.stderr, stages_for(opts.target, opts.prune_channels is not None))
+    progress = Progress(args.quiet, args.stderr, stages_for(opts.target, bool(channels_of(spec, opts))))
     if opts.target.searching or args.max_accuracy_drop is not None:
         from deploy.search import sweep
 
@@ -302,10 +305,11 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--prune-channels",
-        default="none",
+        default=None,
         help="structured pruning: remove this fraction of each hidden layer's output channels after the "
         "twin trains, the least informative (mean |mu|/sigma) first, with the inputs that fed on them; the "
-        "smaller model is fine-tuned and gets its own twin (Sequential models; default: none)",
+        "smaller model is fine-tuned and gets its own twin (Sequential models; default: the pipeline's, "
+        "none for a --model file; pipelines/digits.py removes 0.5; none turns it off)",
     )
     r.add_argument(
         "--kernels",

@@ -253,8 +253,15 @@ def family_shapes(
     sliced = shapes or reference_shapes(trained, decode_budget, keep_dense)
     if kernels != "cmsis-nn":
         return {"int4": sliced, "lut": sliced}
-    packed = dataclasses.replace(reference_shapes(trained, None, keep_dense), int4_scratch=False)
-    return {"int4": packed, "lut": sliced}
+    return {"int4": _per_twin(_PACKED, trained, (keep_dense,), _packed_shapes), "lut": sliced}
+
+
+def _packed_shapes(trained: Trained, keep_dense: bool) -> ModelShapes:
+    """CMSIS-NN's INT4 reference: unsliced, no unpack scratch (kept per twin: _pricing is cached by it)."""
+    return dataclasses.replace(reference_shapes(trained, None, keep_dense), int4_scratch=False)
+
+
+_PACKED: dict[tuple, tuple[Trained, ModelShapes]] = {}
 
 
 @dataclass(frozen=True)
@@ -280,6 +287,17 @@ class _Pricing:
 
 
 def _pricing(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
+    """Every family's grids and tables at these bits. Kept per (trained, shapes objects, bits, code) in this
+    process: a search or a bisection plans many targets of one twin, and pricing LeNet-5 takes seconds.
+    (The cached _Pricing holds its shapes, so their ids are not reused while the key lives.)"""
+    key = (tuple((k, id(s)) for k, s in shapes.items()), tuple(bits), code)
+    return _per_twin(_PRICES, trained, (key,), lambda t, _key: _price(t, shapes, bits, code))
+
+
+_PRICES: dict[tuple, tuple[Trained, _Pricing]] = {}
+
+
+def _price(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
     grids, fixed = {}, {}
     ranges = layer_ranges(trained, bits)  # once: the grids do not depend on how the bytes are stored
     for k, sh in shapes.items():

@@ -49,6 +49,9 @@ class PipelineSpec:
     from_logits: bool = True  # the model outputs logits (False: it ends in softmax/sigmoid)
     source: tuple[str, str] | None = None  # (model file, its sha256) when the model came from a file
     accepts_data: bool = True  # False: load_data has its own data and ignores --data, which is refused
+    # the share of each hidden layer's output channels removed after the twin, by default (--prune-channels
+    # overrides; edgeq.training.shrink): for a model wider than its task needs, e.g. the digits CNN
+    prune_channels: float = 0.0
 
     def with_epochs(self, n: int) -> PipelineSpec:
         """The same pipeline with every training stage capped at n epochs (smoke runs, tests)."""

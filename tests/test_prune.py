@@ -237,3 +237,25 @@ def test_prune_auto_needs_the_planner(tmp_path, capfd):
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("edgeq:")]
     assert len(err) == 1 and "--prune auto" in err[0] and "--method planner" in err[0], err
     assert not out.exists()
+
+
+def test_the_pipeline_sets_the_default_share_of_channels_and_the_flag_overrides_it(tmp_path):
+    """digits removes half its channels unless --prune-channels says otherwise (none: keep them all); a
+    pipeline's own share outside [0, 1) is refused, naming the pipeline."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from deploy.app import RunOptions, channels_of
+    from deploy.cli import _prune
+    from edgeq.errors import PlanError
+    from edgeq.pipeline import load_pipeline
+
+    digits = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "digits.py")
+    assert digits.prune_channels == 0.5
+    given = {None: 0.5, "none": None, "0": None, "0.25": 0.25}
+    for flag, share in given.items():
+        opts = RunOptions(out=tmp_path, prune_channels=_prune(flag, "--prune-channels"))
+        assert channels_of(digits, opts) == share, flag
+    assert channels_of(replace(digits, prune_channels=0.0), RunOptions(out=tmp_path)) is None
+    with pytest.raises(PlanError, match="pipeline 'digits' sets prune_channels=1.5"):
+        channels_of(replace(digits, prune_channels=1.5), RunOptions(out=tmp_path))
