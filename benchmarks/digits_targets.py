@@ -220,10 +220,24 @@ def targets(rows: list[dict]) -> list[dict]:
             {"target": "--flash-budget 14667B: chosen model >= 96% in TFLM and fits",
              "measured": f"min {worst:.2f}%, fits: {all(r['fits_budget'] for r in sel)}",
              "met": worst >= 96 and all(r["fits_budget"] for r in sel)},
-            {"target": "--flash-budget 14667B: the whole run under 90 s (2 cores)",
-             "measured": f"max {slowest:.0f} s", "met": slowest < 90},
+            {"target": "--flash-budget 14667B: the whole run under 90 s (2 cores)", **_budget_time(slowest)},
         ]  # fmt: skip
     return out
+
+
+def _budget_time(slowest: float) -> dict:
+    """The budget run's wall time: benchmarks/run_timed.py's record of it (run alone) where there is one,
+    else the slowest of this command's budget runs (which share the cores with nothing but each other)."""
+    path = ROOT / "benchmarks" / "results" / "digits_budget_timed.json"
+    timed = json.loads(path.read_text()) if path.is_file() else None
+    if timed is None or "--flash-budget" not in timed["run_args"] or f"{BUDGET}B" not in timed["run_args"]:
+        return {"measured": f"max {slowest:.0f} s", "met": slowest < 90}
+    run = timed["run"]
+    return {
+        "measured": f"{run['seconds']:.0f} s (results/digits_budget_timed.md, commit {timed['commit']}; "
+        f"beside it: {run['beside']}); max {slowest:.0f} s in this command's runs",
+        "met": run["seconds"] < 90,
+    }
 
 
 def _bytes(values: list[int]) -> str:
