@@ -4,7 +4,7 @@ Run it with `edgeq run pipelines/digits.py --out out/` (or `python pipelines/dig
 
 The net (24k parameters) is wider than 8x8 digits need: by default the run removes half of each hidden
 layer's output channels after the twin, the least informative first, and fine-tunes the smaller model
-(seeds 0-2: the same TFLM accuracy at a third of the flash, benchmarks/results/digits_targets.md).
+(seeds 0-2: no less TFLM accuracy at about a third of the flash, benchmarks/results/digits_targets.md).
 `--prune-channels none` deploys the full net.
 """
 

@@ -55,7 +55,8 @@ PLANS = (
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     spec = load_pipeline(ROOT / "pipelines" / "digits.py").with_epochs(2)
-    opts = RunOptions(out=tmp_path_factory.mktemp("cost"), prune_channels=0.0)  # the full net: 4608-weight conv2
+    # the full net (no channels removed): the asserts below know its 4608-weight conv2
+    opts = RunOptions(out=tmp_path_factory.mktemp("cost"), prune_channels=0.0)
     trained = train_pipeline(spec, opts)
     return spec, opts, trained, reference_shapes(trained)
 

@@ -1,10 +1,10 @@
 """The rendered firmware cross-compiled for a Cortex-M4 and run under QEMU (mps2-an386) as a real board.
 
-Needs arm-none-eabi-gcc with newlib (Debian: gcc-arm-none-eabi, libnewlib-arm-none-eabi), qemu-system-arm
-and the TFLM trees of ../shared/tflm (cortex-m4-reference, cortex-m4-cmsis-nn): the only TFLM sources this
-workplace has. Each is skipped with the reason when missing. The first run compiles the TFLM objects the
-digits firmware links into ~/.cache/edgeq/tflm (a few minutes on two cores for both trees); later runs
-compile only the app.
+Needs arm-none-eabi-gcc with newlib and its C++ library (Debian: gcc-arm-none-eabi, libnewlib-arm-none-eabi,
+libstdc++-arm-none-eabi-newlib), qemu-system-arm and the TFLM trees of ../shared/tflm (cortex-m4-reference,
+cortex-m4-cmsis-nn): the only TFLM sources this workplace has. Each is skipped with the reason when missing.
+The first run compiles the TFLM objects the digits firmware links into ~/.cache/edgeq/tflm (a few minutes on
+two cores for both trees); later runs compile only the app.
 """
 
 from __future__ import annotations
@@ -169,6 +169,22 @@ def test_missing_cross_compiler_names_the_debian_package(tmp_path, monkeypatch):
         qemu.check_toolchain()
     with pytest.raises(ToolMissing, match="apt-get install qemu-system-arm"):
         qemu.check_qemu()
+
+
+@needs_tools
+def test_a_cross_compiler_without_its_cxx_headers_names_the_debian_package(tmp_path, monkeypatch):
+    """The real arm-none-eabi tools, with g++ made blind to its C++ headers (-nostdinc++): what a machine
+    with gcc-arm-none-eabi but not libstdc++-arm-none-eabi-newlib has. Refused up front, not minutes in."""
+    import shutil
+
+    for name in ("arm-none-eabi-gcc", "arm-none-eabi-ar", "arm-none-eabi-size", "arm-none-eabi-nm"):
+        (tmp_path / name).symlink_to(shutil.which(name))
+    gxx = tmp_path / "arm-none-eabi-g++"
+    gxx.write_text(f'#!/bin/sh\nexec {shutil.which("arm-none-eabi-g++")} -nostdinc++ "$@"\n')
+    gxx.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ToolMissing, match="apt-get install libstdc\\+\\+-arm-none-eabi-newlib"):
+        qemu.check_toolchain()
 
 
 def test_definition_index_leaves_out_internal_names(tmp_path):

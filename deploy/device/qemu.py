@@ -160,6 +160,18 @@ def check_toolchain() -> dict[str, str]:
             "arm-none-eabi-gcc has no newlib-nano (libc_nano.a); "
             "install it (Debian/Ubuntu: apt-get install libnewlib-arm-none-eabi)"
         )
+    # TFLM and the firmware are C++: without its headers every compile fails at <cstddef>, minutes in
+    r = subprocess.run(
+        [tools["arm-none-eabi-g++"], *CPU_FLAGS, "-x", "c++", "-E", "-o", os.devnull, "-"],
+        input="#include <cstddef>\n",
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise ToolMissing(
+            "arm-none-eabi-g++ has no C++ standard headers (<cstddef>); "
+            "install them (Debian/Ubuntu: apt-get install libstdc++-arm-none-eabi-newlib)"
+        )
     return tools
 
 
