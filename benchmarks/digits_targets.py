@@ -227,7 +227,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def _budget_time(slowest: float) -> dict:
     """The budget run's wall time: benchmarks/run_timed.py's record of it (run alone) where there is one,
-    else the slowest of this command's budget runs (which share the cores with nothing but each other)."""
+    else the slowest of this command's budget runs (run one after another, but beside whatever else ran)."""
     path = ROOT / "benchmarks" / "results" / "digits_budget_timed.json"
     timed = json.loads(path.read_text()) if path.is_file() else None
     if timed is None or "--flash-budget" not in timed["run_args"] or f"{BUDGET}B" not in timed["run_args"]:

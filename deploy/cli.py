@@ -108,16 +108,15 @@ def _prune(text: str, flag: str = "--prune") -> float | str | None:
     if text is None:  # --prune-channels not given: the pipeline's
         return None
     word = str(text).strip().lower()
-    if word in ("none", "0", ""):
-        return 0.0 if flag == "--prune-channels" else None  # channels 0: none, whatever the pipeline says
     if word == PRUNE_AUTO and flag == "--prune":
         return PRUNE_AUTO
     try:
-        value = float(text)
+        value = 0.0 if word in ("none", "") else float(text)
     except ValueError as e:
         choices = "e.g. 0.5, auto or none" if flag == "--prune" else "e.g. 0.5, or none"
         raise EdgeqError(f"{flag} {text!r} is not a fraction; pass {choices}") from e
     fraction = check_prune(value, flag)
+    # channels 0 is "none, whatever the pipeline says"; None would mean "the pipeline's"
     return 0.0 if fraction is None and flag == "--prune-channels" else fraction
 
 
