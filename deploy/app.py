@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from deploy.export import Exported, ExportOptions, convert, convert_float, expor
 from deploy.measure import Measurement, alt_decompression_size, measure_litert, measure_tflm
 from deploy.measure.litert import RESOLVERS
 from deploy.measure.tflm import kernel_set_arena
+from deploy.planning import int8_arena
 from deploy.storage import AUTO, check_storage
 from deploy.target import Target
 from edgeq.allocators import allocate, check_method
@@ -197,6 +198,21 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
 
         trained = shrink(spec, trained, channels, opts.seed, on_stage, strategy)
     return trained
+
+
+def settle_target(trained: Trained, opts: RunOptions, on_stage: OnStage = _silent) -> RunOptions:
+    """opts with the target's decode budget settled for the trained model (Target.settle_decode)."""
+    if not opts.target.decode_auto or opts.target.decode_budget is None:
+        return opts
+    arena = int8_arena(trained, opts.keep_dense)
+    target = opts.target.settle_decode(arena)
+    if target.decode_budget != opts.target.decode_budget:
+        on_stage(
+            "allocate",
+            f"decode budget {target.decode_budget // 1024} KiB: no slice's decoded weights need more "
+            f"RAM than the int8 model's arena ({arena:,} B predicted)",
+        )
+    return replace(opts, target=target)
 
 
 def check_pruned_form(model, fraction: float, x: np.ndarray) -> None:
@@ -440,5 +456,6 @@ def run(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _silent) -> re
     spec, target_bits, method = prepare(spec, opts)
     clock = StageClock(on_stage)
     trained = train_pipeline(spec, opts, clock)
+    opts = settle_target(trained, opts, clock)
     cand = make_candidate(trained, spec, opts, method, target_bits, spec.qat_epochs, clock)
     return deploy(trained, cand, spec, opts, clock)

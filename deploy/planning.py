@@ -94,6 +94,13 @@ def _per_twin(store: dict, trained: Trained, args: tuple, make):
     return value
 
 
+def int8_arena(trained: Trained, keep_dense: bool = True) -> int:
+    """The predicted TFLM arena of the trained model with every layer stored int8, unsliced (reference
+    kernels): what the model needs before any decoding or unpacking."""
+    shapes = reference_shapes(trained, None, keep_dense)
+    return predict_storage(shapes, {name: 8 for name in trained.sizes}, "int4").arena
+
+
 def _reference_shapes(trained: Trained, decode_budget: int | None, keep_dense: bool) -> ModelShapes:
     from deploy.export.convert import convert
     from edgeq.optimize import quantize_model

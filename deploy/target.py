@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from deploy.boards import KERNEL_SETS, Board, BoardError, FitResult, fit_check, load_board, parse_size
@@ -22,6 +22,9 @@ class Target:
     flash_budget: int | None = None  # explicit --flash-budget, tightening the board's
     ram_budget: int | None = None  # explicit --ram-budget, tightening the board's
     decode_budget: int | None = DEFAULT_DECODE_BUDGET  # bytes of decompressed weights per slice; None: none
+    # no --decode-budget given: once the model is trained, settle_decode caps the budget at its int8 arena
+    decode_auto: bool = False
+    int8_arena: int | None = None  # the arena settle_decode was given (the int8 model's, predicted)
     decompress_to: str = "arena"  # or "alt": DECODE writes into a separate memory region
     kernels: str = "reference"  # the TFLM kernel set the firmware links
 
@@ -72,6 +75,20 @@ class Target:
         flash_ok = self.flash_budget is None or flash <= self.flash_budget
         return board_ok and flash_ok and (self.ram_budget is None or arena <= self.ram_budget)
 
+    def settle_decode(self, int8_arena: int) -> Target:
+        """The decode budget for a model whose int8 form needs int8_arena bytes of arena.
+
+        Without --decode-budget, a slice's decoded (LUT) or unpacked (INT4 on the reference kernels) weights
+        may take no more RAM than the int8 model's whole arena, in whole KiB (at least 1 KiB): the default
+        16 KiB would let a small model's one big layer double or treble its arena (digits: 7,040 B against
+        its int8 model's 3,664 B; at 3 KiB, 5,168 B for 312 B more flash).
+        """
+        if not self.decode_auto or self.decode_budget is None:
+            return self
+        cap = max(1024, int8_arena // 1024 * 1024)
+        budget = min(self.decode_budget, cap)
+        return replace(self, decode_budget=budget, decode_auto=False, int8_arena=int(int8_arena))
+
     def describe(self) -> str:
         """'model flash <= N B, firmware flash <= F B, arena <= M B', or 'no budget'."""
         parts = [
@@ -91,6 +108,7 @@ class Target:
 def default_decode_budget(board: Board | None) -> int:
     """16 KiB, or with a board a quarter of its free RAM (whole KiB, at least 1 KiB, at most 16 KiB).
 
+    That is before the model is known; once it is, Target.settle_decode caps it at the int8 model's arena.
     The arena also holds activations and TFLM's own structures: a quarter of the RAM left after the
     stack allowance goes to the one decompressed slice.
     """
@@ -125,6 +143,7 @@ def load_target(
         flash_budget=_positive(flash_budget, "flash budget") if flash_budget is not None else None,
         ram_budget=_positive(ram_budget, "RAM budget") if ram_budget is not None else None,
         decode_budget=decode,
+        decode_auto=decode_budget is None,
         decompress_to=decompress_to,
         kernels=kernels,
     )

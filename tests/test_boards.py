@@ -140,3 +140,19 @@ def test_decode_budget_defaults_from_the_board():
     with pytest.raises(BoardError, match="kernel set"):
         load_target(None, kernels="fast")
     assert load_target("nrf52840").kernels == "cmsis-nn" and load_target(None).kernels == "reference"
+
+
+def test_without_a_decode_budget_the_int8_arena_caps_it_once_the_model_is_known():
+    from deploy.target import load_target
+
+    def settled(text, board, arena):
+        return load_target(board, decode_budget=text).settle_decode(arena).decode_budget
+
+    assert settled(None, None, 3312) == 3 * 1024  # digits: its int8 model needs 3,312 B of arena
+    assert settled(None, None, 900) == 1024  # never below 1 KiB
+    assert settled(None, None, 30_192) == 16 * 1024  # LeNet-5: the 16 KiB default stands
+    assert settled(None, "nrf52832", 20_000) == 12 * 1024  # the board's quarter is smaller still
+    assert settled("8KiB", None, 3312) == 8 * 1024  # a budget the user gave is kept
+    assert settled("none", None, 3312) is None
+    once = load_target(None).settle_decode(3312)
+    assert once.int8_arena == 3312 and once.settle_decode(100_000) == once  # settled once, for good

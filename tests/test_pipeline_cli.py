@@ -88,6 +88,14 @@ def test_report_shape_and_claims(run_dir):
     for k in ("float", "bnn"):
         assert 0.5 < models[k]["accuracy"] <= 1.0
     assert set(rep["artifacts"]) >= {"c_source", "c_header", "firmware", "test_data"}
+    # No --decode-budget: no slice's decoded or unpacked weights need more than the int8 model's arena
+    t, sliced = rep["target"], rep["slicing"]
+    assert t["decode_budget_bytes"] == min(
+        16 * 1024, max(1024, t["decode_budget_int8_arena_bytes"] // 1024 * 1024)
+    )
+    assert sliced["decode_budget_bytes"] == t["decode_budget_bytes"]
+    assert max(r["largest_slice_bytes"] for r in sliced["layers"]) <= t["decode_budget_bytes"]
+    assert t["decode_budget_int8_arena_bytes"] == pytest.approx(int8["arena_bytes"], rel=0.15)
     md = (run_dir / "report.md").read_text()
     assert "deployed" in md and f"{dep['flash_bytes']:,}" in md
 

@@ -18,6 +18,7 @@ from deploy.app import (
     make_candidate,
     plan_key,
     prepare,
+    settle_target,
     train_pipeline,
 )
 from deploy.measure import measure_tflm
@@ -221,6 +222,7 @@ def sweep(
     spec, _, _ = prepare(spec, opts)
     clock = StageClock(on_stage) if on_stage else StageClock()
     trained = trained or train_pipeline(spec, opts, clock)
+    opts = settle_target(trained, opts, clock)
     clock("allocate", f"sweeping {len(targets)} targets x {len(methods)} methods (calibrated, no QAT)")
     jobs = distinct_jobs(trained, spec, opts, methods, targets)
     rows = screen(jobs, trained, spec, opts, workers, executor)
