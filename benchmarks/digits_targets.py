@@ -5,7 +5,8 @@
 Per seed, real runs of the digits pipeline (subprocesses of `edgeq run`, the default planner; the
 pipeline removes half of each hidden layer's output channels after the twin unless told otherwise):
 
-- default: `edgeq run pipelines/digits.py --seed S` (no board: reference kernels, 16 KiB decode budget);
+- default: `edgeq run pipelines/digits.py --seed S` (no board: reference kernels; the decode budget is
+  16 KiB capped at the trained model's int8 arena, Target.settle_decode);
 - cmsis-nn: the same with `--kernels cmsis-nn` (what the Cortex-M boards link: INT4 read packed);
 - budget: `--flash-budget 14667B` (85% of the full net's old 17,256 B), the budget search;
 - dense: `--prune-channels none`, the full 24k-parameter net (the default before structured pruning);

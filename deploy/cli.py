@@ -346,8 +346,9 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         "--decode-budget",
         default=None,
         help="split weight tensors larger than this when decompressed (default: 16KiB, with --board a "
-        "quarter of its free RAM up to 16KiB, and never more than the int8 model's arena, so that decoding "
-        "a slice at most doubles the RAM the model needs; 'none': never)",
+        "quarter of its free RAM up to 16KiB; with neither --board nor --flash-budget, never more than the "
+        "int8 model's arena, so that decoding a slice at most doubles the RAM the model needs; 'none': "
+        "never)",
     )
 
 

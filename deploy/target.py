@@ -22,7 +22,8 @@ class Target:
     flash_budget: int | None = None  # explicit --flash-budget, tightening the board's
     ram_budget: int | None = None  # explicit --ram-budget, tightening the board's
     decode_budget: int | None = DEFAULT_DECODE_BUDGET  # bytes of decompressed weights per slice; None: none
-    # no --decode-budget given: once the model is trained, settle_decode caps the budget at its int8 arena
+    # no --decode-budget, board or --flash-budget: once the model is trained, settle_decode caps the
+    # budget at its int8 arena
     decode_auto: bool = False
     int8_arena: int | None = None  # the arena settle_decode was given (the int8 model's, predicted)
     decompress_to: str = "arena"  # or "alt": DECODE writes into a separate memory region
@@ -81,7 +82,8 @@ class Target:
         Without --decode-budget, a slice's decoded (LUT) or unpacked (INT4 on the reference kernels) weights
         may take no more RAM than the int8 model's whole arena, in whole KiB (at least 1 KiB): the default
         16 KiB would let a small model's one big layer double or treble its arena (digits: 7,040 B against
-        its int8 model's 3,664 B; at 3 KiB, 5,168 B for 312 B more flash).
+        its int8 model's 3,664 B; at 3 KiB, 5,168 B for 312 B more flash). Not with a flash budget or a
+        board: more slices cost flash, and digits' full net then missed --flash-budget 8000B by 2,984 B.
         """
         if not self.decode_auto or self.decode_budget is None:
             return self
@@ -143,7 +145,8 @@ def load_target(
         flash_budget=_positive(flash_budget, "flash budget") if flash_budget is not None else None,
         ram_budget=_positive(ram_budget, "RAM budget") if ram_budget is not None else None,
         decode_budget=decode,
-        decode_auto=decode_budget is None,
+        # a flash budget (or a board's) is what a search must meet: the cap would spend its flash on RAM
+        decode_auto=decode_budget is None and b is None and flash_budget is None,
         decompress_to=decompress_to,
         kernels=kernels,
     )

@@ -151,8 +151,11 @@ def test_without_a_decode_budget_the_int8_arena_caps_it_once_the_model_is_known(
     assert settled(None, None, 3312) == 3 * 1024  # digits: its int8 model needs 3,312 B of arena
     assert settled(None, None, 900) == 1024  # never below 1 KiB
     assert settled(None, None, 30_192) == 16 * 1024  # LeNet-5: the 16 KiB default stands
-    assert settled(None, "nrf52832", 20_000) == 12 * 1024  # the board's quarter is smaller still
+    assert settled(None, "nrf52832", 3312) == 12 * 1024  # a board's quarter of its free RAM stands
     assert settled("8KiB", None, 3312) == 8 * 1024  # a budget the user gave is kept
+    # a flash budget is what the search must meet: more slices would spend it on RAM
+    assert load_target(None, flash_budget="8000B").settle_decode(3312).decode_budget == 16 * 1024
+    assert load_target(None, ram_budget="6224B").settle_decode(3312).decode_budget == 3 * 1024
     assert settled("none", None, 3312) is None
     once = load_target(None).settle_decode(3312)
     assert once.int8_arena == 3312 and once.settle_decode(100_000) == once  # settled once, for good
