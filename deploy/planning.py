@@ -271,6 +271,9 @@ def _packed_shapes(trained: Trained, keep_dense: bool) -> ModelShapes:
 _PACKED: dict[tuple, tuple[Trained, ModelShapes]] = {}
 
 
+_KNOWN_PLANS = 4096  # priced plans a _Pricing keeps
+
+
 @dataclass(frozen=True)
 class _Pricing:
     """A plan's exact file and arena per storage family, the way auto would store it (decoder code counted
@@ -280,14 +283,24 @@ class _Pricing:
     grids: Mapping[str, Mapping[str, Mapping[int, LayerGrid]]]
     fixed: Mapping[str, Mapping[str, Sequence]]
     decode_code: int
+    # (family, bits) -> Prediction: the planner asks again for the plans it already priced (each family's
+    # pass, the other family's bytes, every target of a search); a VGG-16 arena takes a good part of a second
+    _known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def exact(self, bits: Mapping[str, int], storage: str = "auto") -> Prediction:
         kinds = FAMILIES if storage == "auto" else (storage,)
-        preds = []
-        for k in kinds:
-            d = {**self.fixed[k], **{n: self.grids[k][n][b].distinct for n, b in bits.items()}}
-            preds.append(predict_storage(self.shapes[k], dict(bits), k, d))
+        preds = [self._stored(k, bits) for k in kinds]
         return min(preds, key=lambda p: p.flash + self.code(p))  # ties: int4, as the export
+
+    def _stored(self, family: str, bits: Mapping[str, int]) -> Prediction:
+        key = (family, tuple(sorted(bits.items())))
+        pred = self._known.get(key)
+        if pred is None:
+            if len(self._known) >= _KNOWN_PLANS:
+                self._known.clear()
+            d = {**self.fixed[family], **{n: self.grids[family][n][b].distinct for n, b in bits.items()}}
+            pred = self._known[key] = predict_storage(self.shapes[family], dict(bits), family, d)
+        return pred
 
     def code(self, p: Prediction) -> int:
         return self.decode_code if p.storage == "lut" else 0
