@@ -537,7 +537,7 @@ def _zeros_plan(
 ) -> tuple[Plan, Prediction] | None:
     """The least-uncertainty plan of the huffman family (zero_options) within budget, with some zeros and
     smaller, by the margin, than --storage auto's int4/lut file of the same bits (else auto stores that)."""
-    from deploy.storage.cost import arena_of, flash_of
+    from deploy.storage.cost import flash_of
 
     options = zero_options(trained, shapes, pricing.grids["lut"], allowed)
     stores_of = {(o.layer, o.bits, o.zeros): st for opts in options.values() for o, st in opts}
@@ -546,7 +546,7 @@ def _zeros_plan(
 
     def stored(plan: Plan) -> Prediction:
         stores = {**plain, **{o.layer: stores_of[(o.layer, o.bits, o.zeros)] for o in plan.options}}
-        return Prediction("huffman", flash_of(shapes, stores, "huffman"), arena_of(shapes, stores), stores)
+        return Prediction("huffman", flash_of(shapes, stores, "huffman"), stores, shapes)
 
     def accept(plan: Plan) -> bool:
         if not any(o.zeros for o in plan.options):

@@ -29,6 +29,7 @@ deploy/firmware/code_size.json; predict_storage(decode_code=...) counts it where
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -196,8 +197,16 @@ class Prediction:
 
     storage: str
     flash: int
-    arena: int
     layers: Mapping[str, tuple[SliceStore, ...]] = field(repr=False, default_factory=dict)
+    shapes: ModelShapes | None = field(repr=False, compare=False, default=None)
+
+    @functools.cached_property
+    def arena(self) -> int:
+        """TFLM's arena bytes, worked out on first use: choosing a storage needs only the flash, and a
+        sliced VGG-16's arena takes seconds to plan."""
+        if self.shapes is None:
+            raise ValueError("this Prediction was made without its ModelShapes: no arena to work out")
+        return arena_of(self.shapes, self.layers)
 
 
 # ---------------------------------------------------------------- the reference
@@ -513,7 +522,7 @@ def predict_storage(
         flash = flash_of(shapes, stores, kind)
         lut_any = any(st.kind == "lut" for sts in stores.values() for st in sts)
         name = "int8" if kind == "lut" and not lut_any else kind
-        preds.append(Prediction(name, flash, arena_of(shapes, stores), stores))
+        preds.append(Prediction(name, flash, stores, shapes))
     # ties: int4, as deploy.storage.choose (first of the smallest)
     return min(preds, key=lambda p: p.flash + (decode_code if p.storage == "lut" else 0))
 
