@@ -231,35 +231,3 @@ def test_a_plan_with_zeros_is_stored_huffman_as_predicted(digits):
         name = layer_name(str(t.name))
         values = tensor_values(t)
         assert np.sum(values == 0) >= np.floor(zeros.get(name, 0.0) * values.size)  # the planned zeros
-
-
-def _greedy_reference(buffers: list[tuple[int, int, int]]) -> int:
-    """TFLM's GreedyMemoryPlanner as written before the per-op index: every placed buffer checked for
-    overlap in time, largest buffer first, each at the lowest offset that fits."""
-    placed: list[tuple[int, int, int, int]] = []
-    top = 0
-    for size, first, last in sorted(buffers, key=lambda b: -b[0]):
-        busy = sorted((o, o + s) for o, s, f, z in placed if not (z < first or f > last))
-        off = 0
-        for a, z in busy:
-            if off + size <= a:
-                break
-            off = max(off, z)
-        placed.append((off, size, first, last))
-        top = max(top, off + size)
-    return top
-
-
-def test_the_arena_planner_places_buffers_as_tflm_s_greedy_planner_does():
-    from deploy.storage.cost import _greedy
-
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        ops = int(rng.integers(1, 40))
-        firsts = rng.integers(0, ops, int(rng.integers(0, 60)))
-        lives = rng.choice([0, 0, 1, 1, 2, 5, ops], len(firsts))  # mostly an op or two, as slices live
-        sizes = rng.choice([16, 64, 64, 1024, 4096], len(firsts)) * rng.integers(1, 4, len(firsts))
-        buffers = [
-            (int(s), int(f), int(min(ops - 1, f + z))) for s, f, z in zip(sizes, firsts, lives, strict=True)
-        ]
-        assert _greedy(buffers) == _greedy_reference(buffers), buffers

@@ -440,19 +440,16 @@ def flash_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]], st
 
 def _greedy(buffers: list[tuple[int, int, int]]) -> int:
     """TFLM's GreedyMemoryPlanner: (size, first op, last op), largest first, at the lowest free offset."""
-    # The spans placed so far, listed under every op they are live at: a buffer only meets those of its
-    # own ops (sliced models hold thousands of buffers, each live for an op or two).
-    live: list[list[tuple[int, int]]] = [[] for _ in range(max((z for *_, z in buffers), default=-1) + 1)]
+    placed: list[tuple[int, int, int, int]] = []
     top = 0
     for size, first, last in sorted(buffers, key=lambda b: -b[0]):
-        ops = range(first, last + 1)
+        busy = sorted((o, o + s) for o, s, f, z in placed if not (z < first or f > last))
         off = 0
-        for a, z in sorted({span for t in ops for span in live[t]}):
+        for a, z in busy:
             if off + size <= a:
                 break
             off = max(off, z)
-        for t in ops:
-            live[t].append((off, off + size))
+        placed.append((off, size, first, last))
         top = max(top, off + size)
     return top
 
