@@ -202,7 +202,7 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
 
 def settle_target(trained: Trained, opts: RunOptions, on_stage: OnStage = _silent) -> RunOptions:
     """opts with the target's decode budget settled for the trained model (Target.settle_decode)."""
-    if not opts.target.decode_auto or opts.target.decode_budget is None:
+    if not opts.target.decode_unsettled:
         return opts
     arena = int8_arena(trained, opts.keep_dense)
     target = opts.target.settle_decode(arena)

@@ -102,12 +102,22 @@ def int8_arena(trained: Trained, keep_dense: bool = True) -> int:
 
 
 def _reference_shapes(trained: Trained, decode_budget: int | None, keep_dense: bool) -> ModelShapes:
+    # one conversion per twin: the decode budget only changes how its tensors are sliced
+    converted = _per_twin(_CONVERTED, trained, (keep_dense,), _reference_model)
+    return shapes_from_tflite(converted, decode_budget)
+
+
+_CONVERTED: dict[tuple, tuple[Trained, bytes]] = {}
+
+
+def _reference_model(trained: Trained, keep_dense: bool) -> bytes:
+    """The float model as QAT builds it at 8 bits, converted (kept per twin in _CONVERTED)."""
     from deploy.export.convert import convert
     from edgeq.optimize import quantize_model
 
     plan = BitPlan.from_bits({name: 8 for name in trained.sizes})
     qat = quantize_model(trained.float_model, plan, keep_dense=keep_dense)
-    return shapes_from_tflite(convert(qat, trained.splits.x_train, samples=REFERENCE_SAMPLES), decode_budget)
+    return convert(qat, trained.splits.x_train, samples=REFERENCE_SAMPLES)
 
 
 def start_kernels(

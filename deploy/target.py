@@ -76,6 +76,11 @@ class Target:
         flash_ok = self.flash_budget is None or flash <= self.flash_budget
         return board_ok and flash_ok and (self.ram_budget is None or arena <= self.ram_budget)
 
+    @property
+    def decode_unsettled(self) -> bool:
+        """True while settle_decode still has a budget to cap (it needs the int8 model's arena)."""
+        return self.decode_auto and self.decode_budget is not None
+
     def settle_decode(self, int8_arena: int) -> Target:
         """The decode budget for a model whose int8 form needs int8_arena bytes of arena.
 
@@ -85,7 +90,7 @@ class Target:
         its int8 model's 3,664 B; at 3 KiB, 5,168 B for 312 B more flash). Not with a flash budget or a
         board: more slices cost flash, and digits' full net then missed --flash-budget 8000B by 2,984 B.
         """
-        if not self.decode_auto or self.decode_budget is None:
+        if not self.decode_unsettled:
             return self
         cap = max(1024, int8_arena // 1024 * 1024)
         budget = min(self.decode_budget, cap)

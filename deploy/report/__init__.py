@@ -303,7 +303,8 @@ def _target_section(f: RunFacts) -> dict:
         "flash_budget_bytes": t.model_flash,
         "ram_budget_bytes": t.model_ram,
         "decode_budget_bytes": t.decode_budget,
-        # set when no --decode-budget was given: the budget is at most this, in whole KiB
+        # set when neither --decode-budget, --board nor --flash-budget was given: the budget is at most
+        # this, in whole KiB (Target.settle_decode)
         "decode_budget_int8_arena_bytes": t.int8_arena,
         "decompress_to": t.decompress_to,
     }

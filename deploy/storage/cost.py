@@ -202,8 +202,8 @@ class Prediction:
 
     @functools.cached_property
     def arena(self) -> int:
-        """TFLM's arena bytes, worked out on first use: choosing a storage needs only the flash, and a
-        sliced VGG-16's arena takes seconds to plan."""
+        """TFLM's arena bytes, worked out on first use: choosing a storage needs only the flash, and the
+        planner prices hundreds of plans, each arena a greedy placement of every buffer of the graph."""
         if self.shapes is None:
             raise ValueError("this Prediction was made without its ModelShapes: no arena to work out")
         return arena_of(self.shapes, self.layers)
