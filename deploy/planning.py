@@ -32,6 +32,8 @@ from deploy.storage.cost import (
     LayerShape,
     ModelShapes,
     Prediction,
+    SliceStore,
+    StoredBytes,
     family_base,
     layer_ram,
     predict_storage,
@@ -40,6 +42,8 @@ from deploy.storage.cost import (
     slice_distinct,
     slice_stores,
     store_flash,
+    stored_bytes,
+    stored_prediction,
 )
 from edgeq.allocators import ALLOCATORS, Allocator
 from edgeq.errors import PlanError
@@ -296,6 +300,7 @@ class _Pricing:
     # (family, bits) -> Prediction: the planner asks again for the plans it already priced (each family's
     # pass, the other family's bytes, every target of a search); a VGG-16 arena takes a good part of a second
     _known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _layers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see _layer
 
     def exact(self, bits: Mapping[str, int], storage: str = "auto") -> Prediction:
         kinds = FAMILIES if storage == "auto" else (storage,)
@@ -308,9 +313,30 @@ class _Pricing:
         if pred is None:
             if len(self._known) >= _KNOWN_PLANS:
                 self._known.clear()
-            d = {**self.fixed[family], **{n: self.grids[family][n][b].distinct for n, b in bits.items()}}
-            pred = self._known[key] = predict_storage(self.shapes[family], dict(bits), family, d)
+            shapes = self.shapes[family]
+            unknown = sorted(set(bits) - set(shapes.names))
+            if unknown:
+                raise KeyError(f"plan names layers the model lacks: {unknown}; layers: {shapes.names}")
+            layers = {n: self._layer(family, n, bits.get(n)) for n in shapes.names}
+            stores = {n: st for n, (st, _) in layers.items()}
+            parts = {n: b for n, (_, b) in layers.items()}
+            pred = self._known[key] = stored_prediction(shapes, stores, parts, family)
         return pred
+
+    def _layer(self, family: str, name: str, bits: int | None) -> tuple[tuple[SliceStore, ...], StoredBytes]:
+        """One layer's tensors at bits (None: not planned, 8 bits) and what they add to the file; a plan
+        differs from the last one priced in a layer or two, so each layer's stores are kept, not the plan's
+        (VGG-16's sliced layers hold thousands of tensors)."""
+        key = (family, name, bits)
+        found = self._layers.get(key)
+        if found is None:
+            if bits is None:
+                distinct, b = self.fixed[family].get(name), 8
+            else:
+                distinct, b = self.grids[family][name][bits].distinct, int(bits)
+            stores = slice_stores(self.shapes[family].layer(name), b, family, distinct)
+            found = self._layers[key] = (stores, stored_bytes(stores))
+        return found
 
     def code(self, p: Prediction) -> int:
         return self.decode_code if p.storage == "lut" else 0

@@ -136,7 +136,7 @@ class ModelShapes:
                 return layer
         raise KeyError(f"no planned layer {name!r}; layers: {', '.join(self.names)}")
 
-    @property
+    @functools.cached_property
     def weight_bytes_int8(self) -> int:
         """The padded int8 payload of every weight tensor (what int8_flash holds of the weights)."""
         return sum(_pad4(s.elements) for layer in self.layers for s in layer.slices)
@@ -387,23 +387,48 @@ def huffman_stores(layer: LayerShape, values: np.ndarray) -> tuple[SliceStore, .
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class StoredBytes:
+    """What some tensors add to the file, split so that sums over layers stay exact: `own` counts once per
+    tensor (payloads, DECODE structure, unshared tables); `shared` maps each share_key to the bytes its
+    ancillary tensor adds, which a file holds once however many tensors (of any layer) share it."""
+
+    own: int
+    shared: Mapping[Hashable, int]
+    decoded: bool  # some tensor sits behind a DECODE operator
+    lut: bool  # some tensor is LUT-stored
+
+
+def stored_bytes(stores: Sequence[SliceStore]) -> StoredBytes:
+    """StoredBytes of these tensors."""
+    own, shared = 0, {}
+    for st in stores:
+        own += st.payload
+        if not st.decoded:
+            continue
+        own += LUT_TENSOR + LUT_DIM * st.rank
+        key = st.share_key
+        if key is None:
+            own += LUT_ANCILLARY + st.ancillary_bytes
+        elif key not in shared:
+            shared[key] = LUT_ANCILLARY + st.ancillary_bytes
+    return StoredBytes(own, shared, any(st.decoded for st in stores), any(st.kind == "lut" for st in stores))
+
+
+def bytes_total(parts: Sequence[StoredBytes]) -> int:
+    """Bytes these tensors add to one file: each own part, each shared table once."""
+    shared: dict[Hashable, int] = {}
+    for p in parts:
+        shared.update(p.shared)
+    return sum(p.own for p in parts) + sum(shared.values())
+
+
 def store_flash(stores: Sequence[SliceStore]) -> int:
     """Bytes these tensors add to the file: payloads, and for lut the DECODE structure and ancillary data.
 
     Ancillary tensors shared within the sequence are counted once (across layers, see flash_of).
     """
-    total, seen = 0, set()
-    for st in stores:
-        total += st.payload
-        if not st.decoded:
-            continue
-        total += LUT_TENSOR + LUT_DIM * st.rank
-        key = st.share_key
-        if key is None or key not in seen:
-            total += LUT_ANCILLARY + st.ancillary_bytes
-            if key is not None:
-                seen.add(key)
-    return total
+    return bytes_total([stored_bytes(stores)])
 
 
 def family_base(shapes: ModelShapes, storage: str) -> int:
@@ -431,11 +456,15 @@ def resolve(
 
 def flash_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]], storage: str) -> int:
     """Bytes of the stored file."""
-    every = [st for layer in shapes.layers for st in stores[layer.name]]
-    if storage in DECODED and not any(st.decoded for st in every):
+    return layers_flash(shapes, [stored_bytes(stores[layer.name]) for layer in shapes.layers], storage)
+
+
+def layers_flash(shapes: ModelShapes, parts: Sequence[StoredBytes], storage: str) -> int:
+    """Bytes of the stored file whose every layer adds `parts` (stored_bytes of its tensors)."""
+    if storage in DECODED and not any(p.decoded for p in parts):
         # nothing to compress: the storage hands back the widened model, the int8 storage's file
         storage = "int8"
-    return family_base(shapes, storage) + store_flash(every)
+    return family_base(shapes, storage) + bytes_total(parts)
 
 
 def _greedy(buffers: list[tuple[int, int, int]]) -> int:
@@ -516,12 +545,22 @@ def predict_storage(
     preds = []
     for kind in kinds:
         stores = resolve(shapes, bits, kind, distinct)
-        flash = flash_of(shapes, stores, kind)
-        lut_any = any(st.kind == "lut" for sts in stores.values() for st in sts)
-        name = "int8" if kind == "lut" and not lut_any else kind
-        preds.append(Prediction(name, flash, stores, shapes))
+        preds.append(stored_prediction(shapes, stores, {n: stored_bytes(s) for n, s in stores.items()}, kind))
     # ties: int4, as deploy.storage.choose (first of the smallest)
     return min(preds, key=lambda p: p.flash + (decode_code if p.storage == "lut" else 0))
+
+
+def stored_prediction(
+    shapes: ModelShapes,
+    stores: Mapping[str, tuple[SliceStore, ...]],
+    parts: Mapping[str, StoredBytes],
+    kind: str,
+) -> Prediction:
+    """The Prediction of the file whose layers are stored as `stores` (their `parts`) under storage kind;
+    a lut file with no LUT tensor is the int8 storage's (the storage hands back the widened model)."""
+    flash = layers_flash(shapes, [parts[layer.name] for layer in shapes.layers], kind)
+    lut_any = any(p.lut for p in parts.values())
+    return Prediction("int8" if kind == "lut" and not lut_any else kind, flash, stores, shapes)
 
 
 def predict(
