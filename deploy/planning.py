@@ -51,6 +51,7 @@ from edgeq.pipeline import PipelineSpec
 from edgeq.plan import BitPlan
 from edgeq.planner import Grid, Option, Plan, plan_for_target, uncertainty_cost
 from edgeq.posterior import LayerPosterior
+from edgeq.threads import per_core
 from edgeq.training import Trained
 
 FAMILIES = ("int4", "lut")  # the whole-model storages --storage auto chooses between
@@ -203,22 +204,26 @@ def layer_grids(
         )
     model = trained.float_model
     ranges = ranges if ranges is not None else layer_ranges(trained, bits)
-    out: dict[str, dict[int, LayerGrid]] = {n: {} for n in names}
-    for b in bits:
-        lv = 2 ** (b - 1) - 1
-        for name in names:
-            kernel, sigma = kernels[name]
-            per_channel = QUANTIZABLE[type(model.get_layer(name))]
+    per_channel_of = {n: QUANTIZABLE[type(model.get_layer(n))] for n in names}
+
+    def grids_of(name: str) -> dict[int, LayerGrid]:
+        out = {}
+        kernel, sigma = kernels[name]
+        per_channel = per_channel_of[name]
+        layer = shapes.layer(name)
+        for b in bits:
+            lv = 2 ** (b - 1) - 1
             r = np.atleast_1d(np.asarray(ranges[b][name], dtype=np.float64))
             r = np.where(r > 0, r, 1.0)  # FixedRangeQuantizer's rule for an all-zero channel
             scale = r / lv
             axis = kernel.ndim - 1 if per_channel else None
             grid = Grid("symmetric", b, scale=tuple(scale), axis=axis, fit="interval")
             cost = uncertainty_cost(LayerPosterior(name, kernel, sigma), grid)
-            layer = shapes.layer(name)
             q = stored_layout(integers(kernel, scale if per_channel else scale[0], b), layer.op)
-            out[name][b] = LayerGrid(grid, cost, slice_distinct(layer, q))
-    return out
+            out[b] = LayerGrid(grid, cost, slice_distinct(layer, q))
+        return out
+
+    return dict(zip(names, per_core(grids_of, names), strict=True))  # layers are independent: see per_core
 
 
 def _fixed_distinct(trained: Trained, shapes: ModelShapes, names: Sequence[str]) -> dict:
