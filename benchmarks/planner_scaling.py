@@ -36,8 +36,20 @@ TARGET_S = 1.0  # issue 19: the planner under a second at VGG-16 shapes
 
 def one(model: str) -> dict:
     """In this process: the untrained twin, then the conversion and the planner's own seconds."""
+    from deploy import planning
     from deploy.app import allocate_for
     from deploy.planning import reference_shapes
+
+    priced = []  # seconds of the per-twin pricing (ranges, grids, tables), timed where plan_layers calls it
+    price = planning._price
+
+    def timed_price(*args):
+        t = time.perf_counter()
+        out = price(*args)
+        priced.append(time.perf_counter() - t)
+        return out
+
+    planning._price = timed_price
 
     spec = scaling.spec_for(model)
     splits = scaling.synthetic_splits(model, 256, scaling.NUM_CLASSES)
@@ -53,6 +65,8 @@ def one(model: str) -> dict:
         "params": int(trained.float_model.count_params()),
         "convert_s": round(t1 - t0, 2),
         "plan_s": round(t2 - t1, 2),
+        "pricing_s": round(sum(priced), 2),
+        "choice_s": round(t2 - t1 - sum(priced), 2),
         "bits": dict(plan.bits),
         "storage": plan.meta.get("storage"),
     }
@@ -79,16 +93,21 @@ def markdown(res: dict) -> str:
         "twin; a search reuses it); plan = the rest of deploy.app.allocate_for('planner') at 4 mean bits: "
         "grids, every family's byte-exact file for the plans the choice checks (the arena only where a "
         "RAM budget asks, and for the plan kept), the front. "
+        "pricing = the per-twin part of plan (each layer's interval ranges and grids at 2..8 bits, their "
+        "uncertainty costs and LUT tables; a search pays it once); choice = the rest (options, front, the "
+        "exact files of the plans the choice checks). "
         "Before = the planner stage of benchmarks/results/scaling.json (conversion included), at its commit.",
         "",
-        "| model | parameters | convert s | plan s | convert + plan s | before s | plan |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | parameters | convert s | plan s | of it: pricing s | of it: choice s | convert + plan s "
+        "| before s | plan |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res["rows"]:
         old = res["before"].get(r["model"])
         bits = ", ".join(f"{b}" for b in r["bits"].values())
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['convert_s']:.2f} | {r['plan_s']:.2f} | "
+            f"{r.get('pricing_s', float('nan')):.2f} | {r.get('choice_s', float('nan')):.2f} | "
             f"{r['convert_s'] + r['plan_s']:.2f} | {f'{old[0]:.2f} ({old[1]})' if old else '—'} | "
             f"{r['storage']}: {bits} |"
         )
