@@ -137,6 +137,24 @@ class ModelShapes:
         raise KeyError(f"no planned layer {name!r}; layers: {', '.join(self.names)}")
 
     @functools.cached_property
+    def live_bytes(self) -> tuple[int, ...]:
+        """Aligned bytes of the activations alive at each operator of the reference graph (kept: the
+        planner asks once per layer option)."""
+        first = {i: 0 for i in self.inputs}
+        last = {i: 0 for i in self.inputs}
+        for k, op in enumerate(self.ops):
+            for i in (*op.inputs, *op.outputs):
+                first.setdefault(i, k)
+                last[i] = max(last.get(i, k), k)
+        for i in self.outputs:
+            last[i] = len(self.ops) - 1
+        live = [0] * len(self.ops)
+        for i, a in first.items():
+            for k in range(a, last[i] + 1):
+                live[k] += _align(self.activation_bytes[i])
+        return tuple(live)
+
+    @functools.cached_property
     def weight_bytes_int8(self) -> int:
         """The padded int8 payload of every weight tensor (what int8_flash holds of the weights)."""
         return sum(_pad4(s.elements) for layer in self.layers for s in layer.slices)
@@ -580,7 +598,7 @@ def predict(
 def layer_ram(shapes: ModelShapes, layer: LayerShape, stores: Sequence[SliceStore]) -> int:
     """The arena a layer's own operators need: the live activations there plus its largest unpack/decode
     buffer, plus its persistent DECODE structs (a max-type figure for edgeq.planner's RAM, see its doc)."""
-    live_at = _live_bytes(shapes)
+    live_at = shapes.live_bytes
     peak, tail = 0, 0
     for s, st in zip(layer.slices, stores, strict=True):
         int4 = st.kind == "int4" and shapes.int4_scratch
@@ -590,26 +608,9 @@ def layer_ram(shapes: ModelShapes, layer: LayerShape, stores: Sequence[SliceStor
     return peak + tail
 
 
-def _live_bytes(shapes: ModelShapes) -> list[int]:
-    """Aligned bytes of the activations alive at each operator of the reference graph."""
-    first = {i: 0 for i in shapes.inputs}
-    last = {i: 0 for i in shapes.inputs}
-    for k, op in enumerate(shapes.ops):
-        for i in (*op.inputs, *op.outputs):
-            first.setdefault(i, k)
-            last[i] = max(last.get(i, k), k)
-    for i in shapes.outputs:
-        last[i] = len(shapes.ops) - 1
-    live = [0] * len(shapes.ops)
-    for i, a in first.items():
-        for k in range(a, last[i] + 1):
-            live[k] += _align(shapes.activation_bytes[i])
-    return live
-
-
 def ram_floor(shapes: ModelShapes) -> int:
     """The activation peak of the graph with no unpack or decode buffer (edgeq.planner's ram_floor)."""
-    return max(_live_bytes(shapes), default=0)
+    return max(shapes.live_bytes, default=0)
 
 
 def byte_cost(
