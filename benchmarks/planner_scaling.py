@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -117,8 +118,11 @@ def markdown(res: dict) -> str:
         lines += [
             "",
             f"Target: the planner under {TARGET_S:g} s at VGG-16 shapes: {vgg['plan_s']:.2f} s without the "
-            f"conversion, {vgg['convert_s'] + vgg['plan_s']:.2f} s with it: {met}. The planner's core "
-            "(options, front and choice on a stand-in cost) is benchmarks/results/planner.md's.",
+            f"conversion, {vgg['convert_s'] + vgg['plan_s']:.2f} s with it: {met}. Of it the choice, what "
+            f"each further target or budget of a search pays, takes {vgg.get('choice_s', math.nan):.2f} s; "
+            "the per-twin pricing (an exact range search per channel and bit width over 14.7M weights) the "
+            "rest. The planner's core (options, front and choice on a stand-in cost) is "
+            "benchmarks/results/planner.md's.",
         ]
     return "\n".join(lines) + "\n"
 
