@@ -34,6 +34,7 @@ from deploy.storage.cost import (
     Prediction,
     SliceStore,
     StoredBytes,
+    check_layers,
     family_base,
     layer_ram,
     predict_storage,
@@ -319,9 +320,7 @@ class _Pricing:
             if len(self._known) >= _KNOWN_PLANS:
                 self._known.clear()
             shapes = self.shapes[family]
-            unknown = sorted(set(bits) - set(shapes.names))
-            if unknown:
-                raise KeyError(f"plan names layers the model lacks: {unknown}; layers: {shapes.names}")
+            check_layers(shapes, bits)
             layers = {n: self._layer(family, n, bits.get(n)) for n in shapes.names}
             stores = {n: st for n, (st, _) in layers.items()}
             parts = {n: b for n, (_, b) in layers.items()}

@@ -13,7 +13,8 @@ R = TypeVar("R")
 
 def per_core(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """[fn(x) for x in items], in order, one thread per core (no pool for one item or one core)."""
-    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(items), cores)
     if workers <= 1:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(workers) as pool:

@@ -457,13 +457,18 @@ def family_base(shapes: ModelShapes, storage: str) -> int:
     return base  # int8, int4: compact writes the same structure whatever the weights' types
 
 
+def check_layers(shapes: ModelShapes, bits: Mapping[str, int]) -> None:
+    """KeyError naming the layers a plan has and the model lacks."""
+    unknown = sorted(set(bits) - set(shapes.names))
+    if unknown:
+        raise KeyError(f"plan names layers the model lacks: {unknown}; layers: {', '.join(shapes.names)}")
+
+
 def resolve(
     shapes: ModelShapes, bits: Mapping[str, int], storage: str, distinct: Distinct | None = None
 ) -> dict[str, tuple[SliceStore, ...]]:
     """Every layer's tensors under a whole-model storage; layers missing from bits stay at 8 bits."""
-    unknown = sorted(set(bits) - set(shapes.names))
-    if unknown:
-        raise KeyError(f"plan names layers the model lacks: {unknown}; layers: {', '.join(shapes.names)}")
+    check_layers(shapes, bits)
     return {
         layer.name: slice_stores(
             layer, int(bits.get(layer.name, 8)), storage, (distinct or {}).get(layer.name)
