@@ -123,7 +123,7 @@ def _reference_model(trained: Trained, keep_dense: bool) -> bytes:
 
     plan = BitPlan.from_bits({name: 8 for name in trained.sizes})
     qat = quantize_model(trained.float_model, plan, keep_dense=keep_dense)
-    return convert(qat, trained.splits.x_train, samples=REFERENCE_SAMPLES)
+    return convert(qat, trained.splits.x_train, samples=REFERENCE_SAMPLES, via_saved_model=False)
 
 
 def start_kernels(

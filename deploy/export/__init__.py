@@ -42,7 +42,7 @@ class Exported:
 
 def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOptions) -> Exported:
     """Convert; slice under the decode budget where the kernels buffer weights, store, keep the best."""
-    uncompressed = convert(qat, x_calibrate)
+    uncompressed = convert(qat, x_calibrate, via_saved_model=False)
     buffered = any(k.slices(options.kernels) for k in kinds_for(options.storage, options.sparse))
     budget = options.decode_budget if buffered else None
     sliced = slice_weights(uncompressed, budget) if budget else None
