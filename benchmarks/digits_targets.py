@@ -114,8 +114,15 @@ def edgeq_run(label: str, seed: int, out: Path, reuse: bool = False) -> dict:
     return row
 
 
-def peer_rows(seed: int, run_dir: Path, bits_list: list[int]) -> list[dict]:
-    """int8 PTQ and TF-MOT uniform QAT of this seed's float model, for both kernel sets."""
+def peer_rows(
+    seed: int,
+    run_dir: Path,
+    bits_list: list[int],
+    pipeline: Path = ROOT / "pipelines" / "digits.py",
+    data: str | None = None,
+) -> list[dict]:
+    """int8 PTQ and TF-MOT uniform QAT of the float model an `edgeq run` of pipeline left in run_dir (its
+    seed's split; `data` as the run's --data), for both kernel sets."""
     import tf_keras as keras
     from lenet5_front import sizes
     from lowbit_qat import qat_fit, tfmot_qat
@@ -124,8 +131,8 @@ def peer_rows(seed: int, run_dir: Path, bits_list: list[int]) -> list[dict]:
     from deploy.measure.tflm import run_tflm
     from edgeq.pipeline import load_pipeline, load_splits
 
-    spec = load_pipeline(ROOT / "pipelines" / "digits.py")
-    splits = load_splits(spec, seed, None)
+    spec = load_pipeline(pipeline)
+    splits = load_splits(spec, seed, data)
     float_model = keras.models.load_model(run_dir / "model_float.keras", compile=False)
     models = [("int8 PTQ (converter)", 8, (run_dir / "model_int8.tflite").read_bytes())]
     for bits in bits_list:
