@@ -20,6 +20,7 @@ Pure numpy: nothing here imports TensorFlow, TF-MOT or deploy.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -877,11 +878,11 @@ def pareto_front(
     keep = _undominated(flash, ram, cost)
     keep = keep[np.lexsort((cost[keep], ram[keep], flash[keep]))]
     mean_bits = bits_w[keep] / size[keep]
+    # Plain Python numbers and a C-level map: VGG-16's front holds tens of thousands of plans.
+    figures = (a.tolist() for a in (flash[keep], ram[keep], cost[keep], mean_bits))
     return [
-        Plan(tuple(opts[i] for opts, i in zip(layers, row, strict=True)), int(f), int(r), float(c), float(mb))
-        for row, f, r, c, mb in zip(
-            choice[keep].tolist(), flash[keep], ram[keep], cost[keep], mean_bits, strict=True
-        )
+        Plan(tuple(map(operator.getitem, layers, row)), f, r, c, mb)
+        for row, f, r, c, mb in zip(choice[keep].tolist(), *figures, strict=True)
     ]
 
 

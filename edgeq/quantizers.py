@@ -196,30 +196,45 @@ def weighted_error(
     return (_columns(w * (q - np.asarray(x, dtype=np.float64)) ** 2, per_channel)).sum(axis=0)
 
 
-def _errors_for(
-    key: np.ndarray, prefix: tuple[np.ndarray, ...], n: int, t: np.ndarray, count: int
-) -> np.ndarray:
+_BLOCK_ELEMENTS = 1 << 15  # values (or candidate cells) per block of channels in _errors_for
+
+
+def _errors_for(key: np.ndarray, prefix: np.ndarray, n: int, t: np.ndarray, count: int) -> np.ndarray:
     """Weighted error of each candidate level spacing t (channels, candidates) on |x| / max|x| (exact).
 
     The values of channel c are sorted in key[c * count:(c + 1) * count] offset by 2c, so one searchsorted
     finds every cell boundary (k + 1/2) t of every channel at once; prefix sums of w, w u and w u^2 then
     give each cell's error sum w (u - k t)^2 = S2 - 2 k t S1 + k^2 t^2 S0 without touching the values again.
+    prefix: (channels, count + 1, 3), the prefix sums of w, w u and w u^2 side by side.
     """
-    p0, p1, p2 = prefix  # (channels, count + 1) each
+    chans, cands = t.shape
+    # A block of channels at a time: its sorted values and its (channels, candidates, n) temporaries stay
+    # in cache (a 512-channel 3x3 layer at bits 2..8: 7.0 -> 4.2 s on one core), the same numbers.
+    block = max(1, _BLOCK_ELEMENTS // max(count, cands * (n + 2)))
+    parts = []
+    for c in range(0, chans, block):
+        c1 = min(c + block, chans)
+        parts.append(_block_errors(key[c * count : c1 * count], prefix[c:c1], n, t[c:c1], count, c))
+    return np.concatenate(parts)
+
+
+def _block_errors(
+    key: np.ndarray, prefix: np.ndarray, n: int, t: np.ndarray, count: int, first: int
+) -> np.ndarray:
+    """_errors_for on channels first.. of key (their values, still offset by 2 x their channel index)."""
     chans, cands = t.shape
     k = np.arange(n + 1, dtype=np.float64)
     bounds = (k[:-1] + 0.5) * t[..., None]  # (channels, candidates, n)
-    offset = 2.0 * np.arange(chans, dtype=np.float64)[:, None, None]
+    offset = 2.0 * np.arange(first, first + chans, dtype=np.float64)[:, None, None]
     idx = np.searchsorted(key, bounds + offset, side="left") - count * np.arange(chans)[:, None, None]
     edges = np.concatenate(
         [np.zeros((chans, cands, 1), np.int64), idx, np.full((chans, cands, 1), count, np.int64)], axis=2
-    ).reshape(chans, -1)
-
-    def cells(p: np.ndarray) -> np.ndarray:
-        at = np.take_along_axis(p, edges, axis=1).reshape(chans, cands, n + 2)
-        return np.diff(at, axis=2)  # (channels, candidates, n + 1): sum over level k's cell
-
-    s0, s1, s2 = cells(p0), cells(p1), cells(p2)
+    )
+    # one gather of the three sums at every cell edge (rows of the flattened prefix), then each cell's sums
+    rows = (edges + (count + 1) * np.arange(chans)[:, None, None]).ravel()
+    at = prefix.reshape(-1, 3)[rows].reshape(chans, cands, n + 2, 3)
+    cell = np.diff(at, axis=2)  # (channels, candidates, n + 1, 3): the sums over level k's cell
+    s0, s1, s2 = cell[..., 0], cell[..., 1], cell[..., 2]
     kt = k * t[..., None]
     return (s2 - 2.0 * kt * s1 + kt**2 * s0).sum(axis=2)
 
@@ -269,7 +284,8 @@ def symmetric_ranges(
     u, w = np.take_along_axis(u, order, axis=0).T, np.take_along_axis(w, order, axis=0).T
     key = (u + 2.0 * np.arange(chans)[:, None]).ravel()
     zero = np.zeros((chans, 1))
-    prefix = tuple(np.concatenate([zero, np.cumsum(v, axis=1)], axis=1) for v in (w, w * u, w * u * u))
+    sums = [np.concatenate([zero, np.cumsum(v, axis=1)], axis=1) for v in (w, w * u, w * u * u)]
+    prefix = np.stack(sums, axis=-1)  # (channels, count + 1, 3)
 
     # Pass 1: r / max|x| on (0, 1]; pass 2: the same number of points across the best cell's neighbours.
     alpha = np.broadcast_to(np.arange(1, candidates + 1) / candidates, (chans, candidates))
