@@ -209,7 +209,7 @@ def _errors_for(key: np.ndarray, prefix: np.ndarray, n: int, t: np.ndarray, coun
     """
     chans, cands = t.shape
     # A block of channels at a time: its sorted values and its (channels, candidates, n) temporaries stay
-    # in cache (a 512-channel 3x3 layer at bits 2..8: 7.0 -> 4.2 s on one core), the same numbers.
+    # in cache (a 512-channel 3x3 layer at bits 2..8: 7.0 -> 3.3-4.1 s on one core), the same numbers.
     block = max(1, _BLOCK_ELEMENTS // max(count, cands * (n + 2)))
     parts = []
     for c in range(0, chans, block):
