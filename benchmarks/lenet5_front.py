@@ -282,7 +282,8 @@ def markdown(res: dict) -> str:
         "(deploy/firmware/code_size.json) for that kernel set. Arena: reference = host TFLM's figure; "
         "cmsis-nn = host TFLM's arena without the INT4 unpack scratch (kernel_set_arena; equal to the "
         "device's on QEMU for the 4-bit model). edgeq rows: the planner (the run's default allocation) at "
-        "each target, QAT'd once from the float weights, then exported for reference kernels with --storage "
+        f"each target, QAT'd once from the {res.get('qat_start', 'float')} weights, then exported for "
+        "reference kernels with --storage "
         "auto at the 16 KiB decode budget and with --storage int4 unsliced, and for CMSIS-NN with --storage "
         "auto and int4 (planned with the reference pricing). "
         "Peers: the converter's int8 PTQ and plain TF-MOT LastValueQuantizer QAT, converted as is.",
@@ -417,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         "auto: the search's (deploy.planning.targets_for_ram)",
     )
     ap.add_argument("--cmsis-ram-budget", type=int, default=26_000, help="arena bytes for those rows")
+    ap.add_argument(
+        "--qat-start", choices=("float", "twin"), default="float", help="edgeq rows' QAT start (edgeq run's)"
+    )
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         s = trained.splits
         score = Scorer(s.x_test, s.y_test)
         rows = peer_rows(trained, spec, args.seed, bits, score, log)
+        base = dataclasses.replace(base, qat_start=args.qat_start)
         mine = edgeq_rows(trained, spec, base, targets, args.verify_rows, score, log)
         if auto_ram:
             from deploy.firmware.code_size import decode_code_bytes
@@ -456,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         **run_header("lenet5_front.py", argv, started_at, args.seed, spec, float_acc),
         "test_samples": int(len(s.y_test)),
+        "qat_start": args.qat_start,
         "rows": rows + mine,
         "verdicts": verdicts(rows, mine),
         "plot": f"{name}.png",
