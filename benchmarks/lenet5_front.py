@@ -263,6 +263,7 @@ def plot(path: Path, rows: list[dict], title: str = "LeNet-5/MNIST", n_test: int
     axes[0].set_ylabel(f"TFLM accuracy, {n_test:,} test images (%)")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)  # a new --out folder: the plot is its first file
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
