@@ -87,6 +87,7 @@ def _report(work: Path) -> dict:
     pr = rep.get("pruning") or {}
     return {
         "pipeline": rep["pipeline"],
+        "seed": rep["seed"],
         "kernels": tgt["kernels"],
         "float_accuracy": rep["models"]["float"]["accuracy"],
         "deployed": {
@@ -156,18 +157,18 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def peers(run_args: list[str], work: Path, bits: list[int]) -> list[dict]:
-    """The peer rows for a run of a pipeline script (none for --model runs: no pipeline to load)."""
+def peers(run_args: list[str], work: Path, bits: list[int], seed: int) -> list[dict]:
+    """The peer rows for a run of a pipeline script at the seed its report records (none for --model runs:
+    no pipeline to load)."""
     from digits_targets import peer_rows
 
     flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--seed", type=int, default=0)
     flags.add_argument("--data", default=None)
     flags.add_argument("--model", default=None)
     known, _ = flags.parse_known_args(run_args)
     if known.model is not None or not run_args[0].endswith(".py"):
         return []
-    return peer_rows(known.seed, work, bits, pipeline=ROOT / run_args[0], data=known.data)
+    return peer_rows(seed, work, bits, pipeline=ROOT / run_args[0], data=known.data)
 
 
 def peer_table(rows: list[dict]) -> list[str]:
@@ -209,13 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeat {args.repeat} must be at least 1")
     started_at = commit()  # the code that runs: later commits must not relabel it
     work = args.work or Path(f"/tmp/edgeq_{args.name}")
-    runs = []
-    for _ in range(args.repeat):
-        runs.append(timed_run(run_args, work))
+    runs = [timed_run(run_args, work) for _ in range(args.repeat)]
     run = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
     # The runs are one seeded command: the peers quantize the float model the last of them left.
-    bits = sorted({min(max(b, 2), 8) for b in runs[-1]["report"]["deployed"]["bits"].values()})
-    peer = [] if args.no_peers else peers(run_args, work, bits)
+    last = runs[-1]["report"]
+    bits = sorted({min(max(b, 2), 8) for b in last["deployed"]["bits"].values()})
+    peer = [] if args.no_peers else peers(run_args, work, bits, last["seed"])
     res = {
         "command": "python benchmarks/run_timed.py " + " ".join(argv),
         "commit": started_at,
