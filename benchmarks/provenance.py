@@ -59,6 +59,7 @@ def run_header(
         "seed": seed,
         "epochs": {"float": spec.epochs, "bnn": spec.bnn_epochs, "qat": spec.qat_epochs},
         "float_accuracy": round(float_acc, 2),
+        "float_training": {"augment": spec.augment is not None, "lr_schedule": spec.lr_schedule},
     }
 
 

@@ -141,6 +141,13 @@ def targets(rows: list[dict], reference: list[dict]) -> list[dict]:
     return out
 
 
+def _float_training(res: dict) -> str:
+    """How the float stage trained, in words (results from before the field: no augmentation, constant)."""
+    how = res.get("float_training", {"augment": False, "lr_schedule": "constant"})
+    aug = "flips and 4-pixel shifts" if how["augment"] else "no augmentation"
+    return f"{aug}, {how['lr_schedule']} learning rate"
+
+
 def markdown(res: dict) -> str:
     """The results file: provenance, the targets, the verdicts against TF-MOT, every row."""
     e = res["epochs"]
@@ -151,8 +158,9 @@ def markdown(res: dict) -> str:
         "",
         "Data: ../shared/data/cifar10.npz, the real CIFAR-10 images and split decoded from lossy JPEG copies "
         "(quality 75, 4:2:0 chroma), not the canonical files; every row is scored on that copy. "
-        f"One float model (seed {res['seed']}, float {e['float']} / twin {e['bnn']} epochs, batch 128, no "
-        f"augmentation; float Keras accuracy {res['float_accuracy']:.2f}%), QAT {e['qat']} epochs for every "
+        f"One float model (seed {res['seed']}, float {e['float']} / twin {e['bnn']} epochs, batch 128, "
+        f"{_float_training(res)}; float Keras accuracy {res['float_accuracy']:.2f}%), QAT {e['qat']} epochs "
+        "for every "
         f"QAT row. Accuracy: host TFLM over {res['test_samples']:,} test images. The reference is MLPerf "
         "Tiny's own int8 model (500 epochs with augmentation on the clean images). Model = .tflite bytes; "
         "firmware = model + TFLM runtime + kernels and decoders on a Cortex-M4 for that kernel set. Arena: "

@@ -25,6 +25,9 @@ _LIBRARY_DIRS = tuple(
 )
 
 
+LR_SCHEDULES = ("constant", "cosine")  # PipelineSpec.lr_schedule
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """Everything a pipeline needs; the flow in deploy.flow runs it stage by stage."""
@@ -52,6 +55,10 @@ class PipelineSpec:
     # the share of each hidden layer's output channels removed after the twin, by default (--prune-channels
     # overrides; edgeq.training.shrink): for a model wider than its task needs, e.g. the digits CNN
     prune_channels: float = 0.0
+    # float training only: a batch of training images -> the same batch randomly changed (e.g. a
+    # keras.Sequential of RandomFlip and RandomTranslation), mapped over the batches by tf.data
+    augment: Callable[[Any], Any] | None = None
+    lr_schedule: str = "constant"  # the float stage's learning rate: "constant" or "cosine" (decays to 0)
 
     def with_epochs(self, n: int) -> PipelineSpec:
         """The same pipeline with every training stage capped at n epochs (smoke runs, tests)."""
@@ -161,6 +168,16 @@ def check_spec(spec: PipelineSpec, data: str | Path | None) -> None:
     if not isinstance(spec.name, str) or not spec.name.strip():
         raise PipelineError(
             f"the pipeline's name is {spec.name!r}; PipelineSpec(name=...) must be a non-empty text"
+        )
+    if spec.augment is not None and not callable(spec.augment):
+        raise PipelineError(
+            f"pipeline {spec.name!r}: augment is a {type(spec.augment).__name__}, not a function of a batch "
+            "of images; pass e.g. keras.Sequential([keras.layers.RandomFlip('horizontal')]) or None"
+        )
+    if spec.lr_schedule not in LR_SCHEDULES:
+        raise PipelineError(
+            f"pipeline {spec.name!r}: lr_schedule {spec.lr_schedule!r} is not one of "
+            f"{', '.join(LR_SCHEDULES)}; use 'constant' (the default) or 'cosine'"
         )
     if data is not None and not spec.accepts_data:
         raise PipelineError(

@@ -6,6 +6,7 @@ optional `on_stage(name, text)` callback, and returns plain values; none knows a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -68,7 +69,11 @@ def build_float(spec: PipelineSpec, splits: Splits, seed: int):
             f"model {model.name!r} has no layer edgeq can quantize (Conv2D, DepthwiseConv2D, Dense)"
         )
     loss, metrics = loss_and_metrics(splits.task, spec.from_logits)
-    model.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
+    lr = spec.lr
+    if spec.lr_schedule == "cosine" and spec.epochs > 0:
+        steps = spec.epochs * math.ceil(len(splits.x_train) / spec.batch_size)
+        lr = keras.optimizers.schedules.CosineDecay(spec.lr, steps)
+    model.compile(keras.optimizers.Adam(lr), loss, metrics)
     return model
 
 
@@ -77,15 +82,26 @@ def train_float(spec: PipelineSpec, splits: Splits, seed: int, model=None):
     model = model if model is not None else build_float(spec, splits, seed)
     if spec.pretrained:  # a model that comes trained is only evaluated
         return model
-    model.fit(
-        splits.x_train,
-        splits.y_train,
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        validation_data=(splits.x_val, splits.y_val),
-        verbose=0,
-    )
+    if spec.augment is None:
+        train = {"x": splits.x_train, "y": splits.y_train, "batch_size": spec.batch_size}
+    else:
+        train = {"x": _augmented(spec, splits, seed)}
+    model.fit(**train, epochs=spec.epochs, validation_data=(splits.x_val, splits.y_val), verbose=0)
     return model
+
+
+def _augmented(spec: PipelineSpec, splits: Splits, seed: int):
+    """The training split as tf.data batches, reshuffled each epoch, spec.augment applied to each batch."""
+    import tensorflow as tf
+
+    from edgeq.pipeline import call_user
+
+    def augment(x, y):
+        return call_user(spec, "augment", spec.augment, x), y
+
+    ds = tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
+    ds = ds.shuffle(len(splits.x_train), seed=seed, reshuffle_each_iteration=True).batch(spec.batch_size)
+    return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def train(

@@ -69,9 +69,9 @@ def screen(
 
 def shared_state(trained: Trained, spec: PipelineSpec, opts: RunOptions) -> dict[str, Any]:
     """What a worker needs, as plain values: the float and mean-weight models' .keras bytes, the splits."""
-    # The spec's callables (model builder, data loader) live in the pipeline script, which a worker
+    # The spec's callables (model builder, data loader, augment) live in the pipeline script, which a worker
     # cannot import by name; candidates need neither.
-    light = dataclasses.replace(spec, build_model=None, load_data=None)
+    light = dataclasses.replace(spec, build_model=None, load_data=None, augment=None)
     return {
         "token": uuid.uuid4().hex,  # names this state, so a long-lived worker rebuilds once per search
         "posteriors": trained.posteriors,
