@@ -2,9 +2,11 @@
 
     python benchmarks/resnet8_cifar10.py [--data cifar10.npz] [--reference resnet8_int8.tflite]
                                          [--targets 2.5,3] [--bits 8,4,3] [--seed 0] [--epochs N]
+                                         [--ram-targets 2.5,2.75] [--ram-kernels cmsis-nn,reference]
 
 One process trains the ResNet-8 pipeline's float model and Bayesian twin once (pipelines/cifar10_resnet8.py:
-float 20, twin 5, QAT 2 epochs, batch 128). All from that one float model, split and QAT budget:
+float 30 epochs with flips, shifts and a cosine learning rate, twin 5, QAT 2 epochs, batch 128). All from
+that one float model, split and QAT budget:
 
 - the reference: MLPerf Tiny's own int8 ResNet-8 (../shared/peers, trained by MLPerf for 500 epochs with
   augmentation on the clean images; input int8 = pixel - 128), scored on the same test split;
@@ -13,7 +15,8 @@ float 20, twin 5, QAT 2 epochs, batch 128). All from that one float model, split
 - edgeq: the byte planner (`edgeq run`'s default) at each --targets, QAT'd once from the float weights, then
   exported for reference kernels (--storage auto, 16 KiB decode budget) and for CMSIS-NN (--storage auto,
   int4, and lut at the 16 KiB decode budget: auto counts DECODE's ~9 KB of code against LUT, the 40 KB
-  target is on the model's bytes).
+  target is on the model's bytes); with --ram-targets, also planned within the reference's arena for each
+  --ram-kernels set (the search's RAM-budget planning, deploy.planning) and exported for that set.
 
 The data: ../shared/data/cifar10.npz is the real CIFAR-10 split decoded from lossy JPEG copies (quality 75,
 4:2:0), not the canonical images; the accuracies are on that copy, for every row alike. Every model is
@@ -105,6 +108,24 @@ def _say(r: dict | None) -> str:
         f"{r['row']} [{r['export']}]: {r['tflm_accuracy']:.2f}%, {r['model_bytes']:,} B, "
         f"arena {r['arena_bytes']:,} B"
     )
+
+
+def ram_rows(
+    trained, spec, base, ram_targets, kernel_sets, reference, verify_rows: int, score, log
+) -> list[dict]:
+    """edgeq rows planned with the reference's own arena (per kernel set) as the RAM budget."""
+    import dataclasses
+
+    from deploy.target import load_target
+
+    rows = []
+    for kernels in kernel_sets:
+        budget = next(r["arena_bytes"] for r in reference if r["kernels"] == kernels)
+        fit = dataclasses.replace(base, target=load_target(kernels=kernels, ram_budget=budget))
+        exports = [e for e in EXPORTS if e[1] == kernels]
+        suffix = f", {kernels} arena <= {budget:,} B"
+        rows += edgeq_rows(trained, spec, fit, ram_targets, verify_rows, score, log, exports, suffix)
+    return rows
 
 
 def targets(rows: list[dict], reference: list[dict]) -> list[dict]:
@@ -209,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", default=str(REFERENCE), help="MLPerf Tiny's int8 ResNet-8 .tflite")
     ap.add_argument("--targets", default="2.5,3", help="planner targets (mean bits)")
     ap.add_argument("--bits", default="8,4,3", help="TF-MOT uniform QAT bit widths")
+    ap.add_argument(
+        "--ram-targets",
+        default="",
+        help="planner targets also planned within the reference's arena (the search's RAM-budget planning), "
+        "for each --ram-kernels set and exported for it",
+    )
+    ap.add_argument("--ram-kernels", default="cmsis-nn,reference", help="the --ram-targets rows' kernel sets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--limit", type=int, default=None, help="score on the first N test images (smoke runs)")
@@ -222,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"error: no {what} at {path}; pass {flag} PATH", file=sys.stderr)
             return 2
-    plan_targets = [float(t) for t in args.targets.split(",")]
+    plan_targets = [float(t) for t in args.targets.split(",") if t]
+    ram_targets = [float(t) for t in args.ram_targets.split(",") if t]
+    ram_kernels = [k for k in args.ram_kernels.split(",") if k]
+    if bad := [k for k in ram_kernels if k not in KERNELS]:
+        print(f"error: --ram-kernels {','.join(bad)}: use {' or '.join(KERNELS)}", file=sys.stderr)
+        return 2
     bits = [int(b) for b in args.bits.split(",")]
 
     started_at = commit()  # the code that runs: later commits must not relabel it
@@ -241,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = reference_rows(Path(args.reference), x_test, y_test, log)
         peers = peer_rows(trained, spec, args.seed, bits, score, log)
         mine = edgeq_rows(trained, spec, base, plan_targets, args.verify_rows, score, log, EXPORTS)
+        mine += ram_rows(
+            trained, spec, base, ram_targets, ram_kernels, reference, args.verify_rows, score, log
+        )
     rows = reference + peers + mine
     out = Path(args.out)
     name = "resnet8_cifar10" if args.limit is None else "resnet8_cifar10_quick"
