@@ -136,16 +136,22 @@ def edgeq_rows(
     trained, spec, base, targets: list[float], verify_rows: int, score, log, exports=EXPORTS, suffix: str = ""
 ) -> list[dict]:
     """The planner at each target (planned for base.target), QAT'd once, exported for every (kernel set,
-    decode budget); suffix: added to the rows' names."""
+    decode budget); suffix: added to the rows' names. A target no plan reaches within base.target's
+    budgets is logged and gets no row (a RAM budget below what the target's flash allows)."""
     from deploy.app import make_candidate
     from deploy.export import ExportOptions, export
     from deploy.target import load_target
+    from edgeq.errors import PlanError
 
     s = trained.splits
     rows = []
     for target_bits in targets:
         t0 = time.monotonic()
-        cand = make_candidate(trained, spec, base, "planner", target_bits, spec.qat_epochs)
+        try:
+            cand = make_candidate(trained, spec, base, "planner", target_bits, spec.qat_epochs)
+        except PlanError as e:
+            log(f"edgeq planner, target {target_bits:g}{suffix}: no row, {e}")
+            continue
         qat_s = time.monotonic() - t0
         for label, kernels, budget, storage in exports:
             t = load_target(kernels=kernels, decode_budget=budget if budget else "none")
