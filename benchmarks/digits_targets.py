@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from arglists import ints  # noqa: E402
 from provenance import commit, machine  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -320,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     from lenet5_front import beside
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--bits", default="4,3,2", help="TF-MOT uniform QAT bit widths")
+    ap.add_argument("--seeds", type=ints, default="0,1,2")
+    ap.add_argument("--bits", type=ints, default="4,3,2", help="TF-MOT uniform QAT bit widths")
     ap.add_argument(
         "--runs",
         default=",".join(RUNS),
@@ -333,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse", action="store_true", help="read the runs already in --work instead of rerunning"
     )
     args = ap.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    bits = [int(b) for b in args.bits.split(",")]
+    seeds, bits = args.seeds, args.bits
     labels = [r for r in args.runs.split(",") if r]
     need = [f"({r} is needed)" for r in ("default", "dense") if r not in labels]  # dense: the peers' model
     unknown = [r for r in labels if r not in RUNS] + need

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from arglists import floats, ints  # noqa: E402
 from provenance import commit, header_lines, run_header  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -398,8 +399,8 @@ def lenet_parser(doc: str, targets: str, bits: str) -> argparse.ArgumentParser:
     """The flags the LeNet-5 benchmarks share: data, planner targets, TF-MOT bits, seed, epochs, rows, out."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--data", default=str(MNIST), help="MNIST .npz in the keras layout")
-    ap.add_argument("--targets", default=targets, help="planner targets (mean bits)")
-    ap.add_argument("--bits", default=bits, help="TF-MOT uniform QAT bit widths")
+    ap.add_argument("--targets", type=floats, default=targets, help="planner targets (mean bits)")
+    ap.add_argument("--bits", type=ints, default=bits, help="TF-MOT uniform QAT bit widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--verify-rows", type=int, default=500, help="test images each export verifies on")
@@ -420,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = lenet_parser(__doc__, targets="2,3,4,6,8", bits="8,4,3,2")
     ap.add_argument(
         "--cmsis-ram-targets",
+        type=lambda text: text if text == "auto" else floats(text),
         default="",
         help="planner targets also planned for CMSIS-NN within --cmsis-ram-budget (exported for cmsis-nn); "
         "auto: the search's (deploy.planning.targets_for_ram)",
@@ -431,10 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
-    targets = [float(t) for t in args.targets.split(",") if t]
+    targets = args.targets
     auto_ram = args.cmsis_ram_targets == "auto"
-    ram_targets = [] if auto_ram else [float(t) for t in args.cmsis_ram_targets.split(",") if t]
-    bits = [int(b) for b in args.bits.split(",")]
+    ram_targets = [] if auto_ram else args.cmsis_ram_targets
+    bits = args.bits
 
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()

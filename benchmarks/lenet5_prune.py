@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from arglists import floats  # noqa: E402
 from provenance import commit, header_lines, run_header  # noqa: E402
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -257,15 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
     ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions, or auto (the planner's)")
     ap.add_argument(
-        "--channels", default="0", help="structured pruning fractions (0: none; else lenet5_prune_channels)"
+        "--channels",
+        type=floats,
+        default="0",
+        help="structured pruning fractions (0: none; else lenet5_prune_channels)",
     )
     ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: the pipeline's)")
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
     fractions = [f if f == "auto" else float(f) for f in args.prune.split(",")]  # auto: the planner's zeros
-    channel_fractions = [float(c) for c in args.channels.split(",")]
-    targets_bits = [float(t) for t in args.targets.split(",")]
+    channel_fractions, targets_bits = args.channels, args.targets
 
     from deploy.app import make_candidate
     from edgeq.errors import PlanError
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         s = trained.splits
         log("trained the float model and its twin")
         score = Scorer(s.x_test, s.y_test)
-        peers = peer_rows(trained, spec, args.seed, [int(b) for b in args.bits.split(",")], score, log)
+        peers = peer_rows(trained, spec, args.seed, args.bits, score, log)
         rows = []
         for channels in channel_fractions:
             # the smaller model, fine-tuned, with its own twin (as `edgeq run --prune-channels` makes it)

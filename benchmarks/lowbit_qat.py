@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from arglists import ints  # noqa: E402
 from provenance import commit, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 import edgeq  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -222,15 +223,16 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write benchmarks/results/lowbit_qat.{md,json}."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--bits", default="2,3,4", help="comma-separated weight bit widths (default 2,3,4)")
+    ap.add_argument("--seeds", type=ints, default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument(
+        "--bits", type=ints, default="2,3,4", help="comma-separated weight bit widths (default 2,3,4)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = ap.parse_args(argv)
     from edgeq.pipeline import load_pipeline
 
     spec = load_pipeline(ROOT / "pipelines" / "digits.py")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    bits_list = [int(b) for b in args.bits.split(",")]
+    seeds, bits_list = args.seeds, args.bits
     t0 = time.perf_counter()
     rows = [r for seed in seeds for r in run_seed(seed, bits_list, spec)]
     given = argv if argv is not None else sys.argv[1:]

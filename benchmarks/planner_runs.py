@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from arglists import floats, ints  # noqa: E402
 from provenance import commit, machine  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
 
 from edgeq.io import atomic_write_text  # noqa: E402
@@ -203,14 +204,13 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write benchmarks/results/planner_runs.{md,json}."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--targets", default="4,3,3.5", help="comma-separated target mean bits")
+    ap.add_argument("--seeds", type=ints, default="0,1,2")
+    ap.add_argument("--targets", type=floats, default="4,3,3.5", help="comma-separated target mean bits")
     ap.add_argument("--methods", default="planner,qiu")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeq_planner_runs"), help="run folders")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = ap.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    targets = [float(t) for t in args.targets.split(",")]
+    seeds, targets = args.seeds, args.targets
     methods = [m.strip() for m in args.methods.split(",")]
     t0 = time.perf_counter()
     rows = []

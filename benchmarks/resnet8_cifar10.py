@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from arglists import floats, ints  # noqa: E402
 from lenet5_front import (  # noqa: E402
     KERNELS,
     Scorer,
@@ -228,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(CIFAR), help="CIFAR-10 .npz in the keras layout")
     ap.add_argument("--reference", default=str(REFERENCE), help="MLPerf Tiny's int8 ResNet-8 .tflite")
-    ap.add_argument("--targets", default="2.5,3", help="planner targets (mean bits)")
-    ap.add_argument("--bits", default="8,4,3", help="TF-MOT uniform QAT bit widths")
+    ap.add_argument("--targets", type=floats, default="2.5,3", help="planner targets (mean bits)")
+    ap.add_argument("--bits", type=ints, default="8,4,3", help="TF-MOT uniform QAT bit widths")
     ap.add_argument(
         "--ram-targets",
+        type=floats,
         default="",
         help="planner targets also planned within the reference's arena (the search's RAM-budget planning), "
         "for each --ram-kernels set and exported for it",
@@ -250,13 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"error: no {what} at {path}; pass {flag} PATH", file=sys.stderr)
             return 2
-    plan_targets = [float(t) for t in args.targets.split(",") if t]
-    ram_targets = [float(t) for t in args.ram_targets.split(",") if t]
+    plan_targets, ram_targets = args.targets, args.ram_targets
     ram_kernels = [k for k in args.ram_kernels.split(",") if k]
     if bad := [k for k in ram_kernels if k not in KERNELS]:
         print(f"error: --ram-kernels {','.join(bad)}: use {' or '.join(KERNELS)}", file=sys.stderr)
         return 2
-    bits = [int(b) for b in args.bits.split(",")]
+    bits = args.bits
 
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()

@@ -1,0 +1,52 @@
+"""The benchmarks' comma-separated number flags: parsed lists, and a bad list refused by argparse (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from arglists import floats, ints  # noqa: E402
+
+
+def test_lists_parse_and_skip_empty_items() -> None:
+    assert floats("2.5,3") == [2.5, 3.0]
+    assert floats("") == []
+    assert ints("8,4,,3") == [8, 4, 3]
+
+
+@pytest.mark.parametrize(("parse", "text"), [(floats, "2,x"), (ints, "1.5"), (ints, "a")])
+def test_bad_list_names_the_text(parse, text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}' is not a list of"):
+        parse(text)
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "text", "data"),
+    [
+        ("resnet8_cifar10.py", "--ram-targets", "2.5,q", ["--data", "/no/such.npz"]),
+        ("lenet5_front.py", "--cmsis-ram-targets", "3,y", ["--data", "/no/such.npz"]),
+        ("lowbit_qat.py", "--bits", "2,x", []),
+    ],
+)
+def test_benchmark_refuses_a_bad_list_before_any_work(script: str, flag: str, text: str, data: list) -> None:
+    """Exit 2 and argparse's error naming the flag, before the data checks or any training."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *data, flag, text],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[
+        -1
+    ] == f"{script}: error: argument {flag}: '{text}' is not a list of " + (
+        "whole numbers like 8,4,3" if script == "lowbit_qat.py" else "numbers like 2.5,3"
+    )
+    assert "no CIFAR-10" not in r.stderr and "no MNIST" not in r.stderr
