@@ -256,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     from lenet5_front import Scorer, beside, lenet_parser, missing_data, peer_rows, trained_pipeline
 
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
-    ap.add_argument("--prune", default="0.8,0.9,0.95", help="pruning fractions, or auto (the planner's)")
+    ap.add_argument(
+        "--prune",
+        type=lambda text: [f if f == "auto" else floats(f)[0] for f in text.split(",") if f.strip()],
+        default="0.8,0.9,0.95",
+        help="pruning fractions, or auto (the planner's zeros)",
+    )
     ap.add_argument(
         "--channels",
         type=floats,
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if missing_data(args.data):
         return 2
-    fractions = [f if f == "auto" else float(f) for f in args.prune.split(",")]  # auto: the planner's zeros
+    fractions = args.prune
     channel_fractions, targets_bits = args.channels, args.targets
 
     from deploy.app import make_candidate
