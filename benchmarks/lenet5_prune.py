@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = lenet_parser(__doc__, targets="3,2", bits="4,3,2")
     ap.add_argument(
         "--prune",
-        type=lambda text: [f if f == "auto" else floats(f)[0] for f in text.split(",") if f.strip()],
+        type=lambda text: floats(text, words=("auto",)),
         default="0.8,0.9,0.95",
         help="pruning fractions, or auto (the planner's zeros)",
     )

@@ -19,6 +19,7 @@ def test_lists_parse_and_skip_empty_items() -> None:
     assert floats("2.5,3") == [2.5, 3.0]
     assert floats("") == []
     assert ints("8,4,,3") == [8, 4, 3]
+    assert floats("auto,0.5", words=("auto",)) == ["auto", 0.5]
 
 
 @pytest.mark.parametrize(("parse", "text"), [(floats, "2,x"), (ints, "1.5"), (ints, "a")])
@@ -28,14 +29,17 @@ def test_bad_list_names_the_text(parse, text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("script", "flag", "text", "data"),
+    ("script", "flag", "text", "data", "what"),
     [
-        ("resnet8_cifar10.py", "--ram-targets", "2.5,q", ["--data", "/no/such.npz"]),
-        ("lenet5_front.py", "--cmsis-ram-targets", "3,y", ["--data", "/no/such.npz"]),
-        ("lowbit_qat.py", "--bits", "2,x", []),
+        ("resnet8_cifar10.py", "--ram-targets", "2.5,q", ["--data", "/no/such.npz"], "numbers like 2.5,3"),
+        ("lenet5_front.py", "--cmsis-ram-targets", "3,y", ["--data", "/no/such.npz"], "numbers like 2.5,3"),
+        ("lenet5_prune.py", "--prune", "auto,zz", ["--data", "/no/such.npz"], "numbers like 2.5,3 or auto"),
+        ("lowbit_qat.py", "--bits", "2,x", [], "whole numbers like 8,4,3"),
     ],
 )
-def test_benchmark_refuses_a_bad_list_before_any_work(script: str, flag: str, text: str, data: list) -> None:
+def test_benchmark_refuses_a_bad_list_before_any_work(
+    script: str, flag: str, text: str, data: list, what: str
+) -> None:
     """Exit 2 and argparse's error naming the flag, before the data checks or any training."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *data, flag, text],
@@ -44,9 +48,6 @@ def test_benchmark_refuses_a_bad_list_before_any_work(script: str, flag: str, te
         timeout=60,
     )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[
-        -1
-    ] == f"{script}: error: argument {flag}: '{text}' is not a list of " + (
-        "whole numbers like 8,4,3" if script == "lowbit_qat.py" else "numbers like 2.5,3"
-    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"{script}: error: argument {flag}: '{text}' is not a list of {what}"
     assert "no CIFAR-10" not in r.stderr and "no MNIST" not in r.stderr
