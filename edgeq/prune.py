@@ -169,6 +169,7 @@ def channel_plan(
     return ChannelPlan(keep, {p.name: int(p.mu.shape[-1]) for p in posteriors if p.name in keep})
 
 
+# Layers that keep every channel where it is: a removed channel simply flows through them.
 _PASS_THROUGH = (
     keras.layers.MaxPooling2D,
     keras.layers.AveragePooling2D,
@@ -189,6 +190,13 @@ _MERGES = (
     keras.layers.Minimum,
     keras.layers.Concatenate,
 )
+OUTPUT_TIE = "it is the output layer: its channels are the model's outputs"
+
+
+def _reads_channels(layer) -> bool:
+    """A weight layer whose kernel has one row per input channel and one column per output channel."""
+    skip = (keras.layers.DepthwiseConv2D, keras.layers.Conv2DTranspose)
+    return isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and not isinstance(layer, skip)
 
 
 def _inbound(layer) -> list:
@@ -198,51 +206,90 @@ def _inbound(layer) -> list:
     return inbound if isinstance(inbound, list) else [inbound]
 
 
-def _kernel_layer_behind(layer) -> str | None:
-    """The Conv2D/Dense at or behind `layer` (first inputs, through pass-through layers)."""
-    while layer is not None:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
-            return layer.name
-        layer = next(iter(_inbound(layer)), None)  # an Input layer has none: the walk ends
+def _consumers(model: keras.Model) -> dict[str, list]:
+    """Each layer's name -> the layers of model that read its output."""
+    out: dict[str, list] = {}
+    for lyr in model.layers:
+        for src in _inbound(lyr):
+            out.setdefault(src.name, []).append(lyr)
+    return out
+
+
+def _tie(kernel, consumers: dict[str, list], outputs: set[str]) -> str | None:
+    """Why `kernel`'s output channels must all stay (None: they can go), following them through the
+    layers that keep channels in place to the weight layers that read them. Raises PruningError where a
+    layer in the way moves or mixes them in a way no rebuild can follow."""
+    todo = [(kernel, False)]  # (layer, whether the channels were flattened on the way)
+    while todo:
+        lyr, flat = todo.pop()
+        if lyr.name in outputs:
+            return OUTPUT_TIE if lyr is kernel else f"they reach the model's output through {lyr.name!r}"
+        for c in consumers.get(lyr.name, []):
+            if isinstance(c, _MERGES):
+                kind = type(c).__name__
+                return f"{kind} layer {c.name!r} ties their channels together (a residual or merge)"
+            if isinstance(c, keras.layers.DepthwiseConv2D):
+                return f"DepthwiseConv2D layer {c.name!r} filters each channel on its own"
+            if _reads_channels(c) and not (flat and isinstance(c, keras.layers.Conv2D)):
+                continue
+            if isinstance(c, keras.layers.Flatten) and not flat:
+                todo.append((c, True))
+            elif isinstance(c, _PASS_THROUGH) and not (flat and c.get_weights()):
+                todo.append((c, flat))
+            elif c.get_weights():
+                raise PruningError(
+                    f"structured pruning cannot pass through layer {c.name!r} ({type(c).__name__}); "
+                    "use --prune for weight sparsity"
+                )
+            else:
+                n = int(kernel.get_weights()[0].shape[-1])
+                raise PruningError(
+                    f"layer {kernel.name!r} cannot lose channels: layer {c.name!r} ({type(c).__name__}) "
+                    f"changes the layout of its {n} channels before a weight layer reads them; "
+                    "use --prune for weight sparsity"
+                )
     return None
 
 
-def check_channel_prunable(model: keras.Model) -> None:
-    """Refuse, naming the layer and why, a model whose channels prune_channels cannot remove."""
-    if not isinstance(model, keras.Sequential):
-        for lyr in model.layers:
-            if isinstance(lyr, _MERGES):
-                feeders = [n for n in map(_kernel_layer_behind, _inbound(lyr)) if n]
-                tied = " and ".join(repr(n) for n in feeders) or "its inputs"
-                raise PruningError(
-                    f"layer {tied} cannot lose channels: {type(lyr).__name__} layer {lyr.name!r} ties their "
-                    "channels together (a residual or merge); structured pruning rebuilds Sequential models "
-                    "only; use --prune for weight sparsity"
-                )
-        raise PruningError(
-            f"model {model.name!r} is not Sequential: structured pruning rebuilds Sequential models only; "
-            "use --prune for weight sparsity"
-        )
+def channel_ties(model: keras.Model) -> dict[str, str]:
+    """Each weight layer whose output channels cannot be removed -> why (a merge or a depthwise conv ties
+    them, they are the outputs); DepthwiseConv2D layers themselves are never pruned and not listed."""
     kernels = kernel_layers(model)
     if len(kernels) < 2:
         raise PruningError(
             f"model {model.name!r} has one weight layer: its channels are the outputs; nothing to prune"
         )
-    for lyr in model.layers:
-        kinds = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.Flatten, *_PASS_THROUGH)
-        if not isinstance(lyr, kinds) and lyr.get_weights():
-            raise PruningError(
-                f"structured pruning cannot pass through layer {lyr.name!r} ({type(lyr).__name__}); "
-                "use --prune for weight sparsity"
-            )
+    consumers = _consumers(model)
+    outputs = {t._keras_history.layer.name for t in model.outputs}
+    ties = {}
+    for k in kernels:
+        if _reads_channels(k) and (why := _tie(k, consumers, outputs)):
+            ties[k.name] = why
+    return ties
+
+
+def free_layers(model: keras.Model) -> list[str]:
+    """The weight layers whose output channels structured pruning can remove, in graph order."""
+    ties = channel_ties(model)
+    return [k.name for k in kernel_layers(model) if _reads_channels(k) and k.name not in ties]
+
+
+def check_channel_prunable(model: keras.Model) -> None:
+    """Refuse, naming the layers and why, a model whose channels prune_channels cannot remove."""
+    if not free_layers(model):
+        ties = {n: why for n, why in channel_ties(model).items() if why != OUTPUT_TIE}
+        names = " and ".join(repr(n) for n in ties) or "no layer"
+        why = next(iter(ties.values()), "every weight layer is an output or a depthwise conv")
+        raise PruningError(f"layer {names} cannot lose channels: {why}; use --prune for weight sparsity")
 
 
 def trial_prune(model: keras.Model, fraction: float) -> keras.Model:
     """The model's pruned form at `fraction` with the channel counts channel_plan will keep (the first
     ones here): built before training, so a model whose smaller form cannot be rebuilt is refused early."""
     _check_sparsity(fraction)
-    layers = kernel_layers(model)
-    shape = {lyr.name: int(lyr.get_weights()[0].shape[-1]) for lyr in layers[:-1]}  # the last: the outputs
+    check_channel_prunable(model)
+    free = set(free_layers(model))
+    shape = {lyr.name: int(lyr.get_weights()[0].shape[-1]) for lyr in model.layers if lyr.name in free}
     plan = ChannelPlan({n: np.arange(kept_count(c, fraction)) for n, c in shape.items()}, shape)
     try:
         return prune_channels(model, plan)
@@ -256,53 +303,47 @@ def trial_prune(model: keras.Model, fraction: float) -> keras.Model:
 
 
 def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
-    """A smaller Sequential model without the dropped output channels (and the inputs that fed on them)."""
+    """A smaller copy of the model (Sequential or functional) without the dropped output channels and the
+    inputs that fed on them; layers whose channels a merge ties (channel_ties) must keep them all."""
     check_channel_prunable(model)
-    last = kernel_layers(model)[-1].name
-    if last in plan.keep:
-        raise PruningError(f"layer {last!r} is the output layer; its channels are the model's outputs")
-    layers, weights = [keras.layers.Input(model.input_shape[1:])], []
-    prev_keep: np.ndarray | None = None  # kept channels of the tensor flowing in
-    flat_channels: int | None = None
-    prev: tuple[str, int] | None = None  # the last weight layer: name, output channels
-    between: list[str] = []  # the layers since it
+    ties = channel_ties(model)
+    if tied := [n for n in plan.keep if n in ties]:
+        raise PruningError(f"layer {tied[0]!r} cannot lose channels: {ties[tied[0]]}")
+    keep_out: dict[str, np.ndarray | None] = {}  # layer -> the channels of its output that stay (None: all)
+    flat: dict[str, int | None] = {}  # layer -> channels per position, where its output is a flattened map
+    weights: dict[str, list[np.ndarray]] = {}
     for lyr in model.layers:
-        cfg, w = lyr.get_config(), lyr.get_weights()
-        if isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense)):
-            kernel, bias = w[0], (w[1] if len(w) > 1 else None)
-            if prev_keep is not None:
-                reads = flat_channels if flat_channels is not None else int(kernel.shape[-2])
-                if reads != prev[1]:  # a Reshape, Permute, ... moved the channels: rows can't be matched
-                    raise PruningError(
-                        f"layer {prev[0]!r} cannot lose channels: the layers between it and {lyr.name!r} "
-                        f"({', '.join(repr(n) for n in between)}) change the channel layout ({prev[1]} "
-                        f"channels out, {reads} read); use --prune for weight sparsity"
-                    )
-                if isinstance(lyr, keras.layers.Dense) and flat_channels is not None:
-                    rows = np.arange(kernel.shape[0]).reshape(-1, flat_channels)[:, prev_keep].ravel()
-                    kernel = kernel[rows]
-                else:
-                    kernel = np.take(kernel, prev_keep, axis=-2)
+        src = next(iter(_inbound(lyr)), None)
+        k_in = keep_out.get(src.name) if src is not None else None
+        f_in = flat.get(src.name) if src is not None else None
+        w = lyr.get_weights()
+        keep_out[lyr.name], flat[lyr.name] = None, None
+        if _reads_channels(lyr):
+            kernel, rest = w[0], w[1:]
+            if k_in is not None and f_in is not None:  # a Dense reading a flattened map: rows by position
+                kernel = kernel[np.arange(kernel.shape[0]).reshape(-1, f_in)[:, k_in].ravel()]
+            elif k_in is not None:
+                kernel = np.take(kernel, k_in, axis=-2)
             keep = plan.keep.get(lyr.name)
             if keep is not None:
-                kernel = kernel[..., keep]
-                bias = bias[keep] if bias is not None else None
-                cfg["filters" if "filters" in cfg else "units"] = int(keep.size)
-            prev_keep, flat_channels = keep, None
-            prev, between = (lyr.name, int(w[0].shape[-1])), []
-            weights.append([kernel] + ([bias] if bias is not None else []))
-        elif isinstance(lyr, keras.layers.Flatten):
-            flat_channels = int(lyr.input_shape[-1])
-            weights.append([])
-        elif isinstance(lyr, keras.layers.BatchNormalization) and prev_keep is not None:
-            weights.append([v[prev_keep] for v in w])
-        else:  # pass-through or weightless: check_channel_prunable refused anything else
-            weights.append(w)
-        if not isinstance(lyr, (keras.layers.Conv2D, keras.layers.Dense)):
-            between.append(lyr.name)
-        layers.append(lyr.__class__.from_config(cfg))
-    small = keras.Sequential(layers, name=f"{model.name}_pruned")
-    for lyr, w in zip(small.layers, weights, strict=True):
-        if w:
-            lyr.set_weights(w)
+                kernel, rest = kernel[..., keep], [b[keep] for b in rest]
+            weights[lyr.name], keep_out[lyr.name] = [kernel, *rest], keep
+        elif isinstance(lyr, keras.layers.Flatten) and k_in is not None:
+            keep_out[lyr.name], flat[lyr.name] = k_in, int(lyr.input_shape[-1])
+        elif isinstance(lyr, _PASS_THROUGH) and k_in is not None:
+            weights[lyr.name] = [v[k_in] for v in w]  # BatchNormalization: one value per channel
+            keep_out[lyr.name], flat[lyr.name] = k_in, f_in
+        # anything else reads only channels that stay: channel_ties ties its producers
+
+    def smaller(layer):
+        cfg = layer.get_config()
+        if layer.name in plan.keep:
+            cfg["filters" if "filters" in cfg else "units"] = int(plan.keep[layer.name].size)
+        return layer.__class__.from_config(cfg)
+
+    small = keras.models.clone_model(model, clone_function=smaller)
+    small._name = f"{model.name}_pruned"  # noqa: SLF001  (Keras has no public rename)
+    for old in model.layers:
+        if w := weights.get(old.name, old.get_weights()):
+            small.get_layer(old.name).set_weights(w)
     return small

@@ -68,13 +68,20 @@ def build_float(spec: PipelineSpec, splits: Splits, seed: int):
         raise ModelError(
             f"model {model.name!r} has no layer edgeq can quantize (Conv2D, DepthwiseConv2D, Dense)"
         )
+    compile_float(model, spec, splits)
+    return model
+
+
+def compile_float(model, spec: PipelineSpec, splits: Splits) -> None:
+    """Compile for the float stage: Adam at spec.lr, decayed over spec.epochs when spec.lr_schedule says."""
+    import tf_keras as keras
+
     loss, metrics = loss_and_metrics(splits.task, spec.from_logits)
     lr = spec.lr
     if spec.lr_schedule == "cosine" and spec.epochs > 0:
         steps = spec.epochs * math.ceil(len(splits.x_train) / spec.batch_size)
         lr = keras.optimizers.schedules.CosineDecay(spec.lr, steps)
     model.compile(keras.optimizers.Adam(lr), loss, metrics)
-    return model
 
 
 def train_float(spec: PipelineSpec, splits: Splits, seed: int, model=None):
@@ -150,27 +157,33 @@ def shrink(
     seed: int,
     on_stage: OnStage = _silent,
     strategy=None,
+    *,
+    epochs: int | None = None,
 ) -> Trained:
     """Structured pruning: each hidden weight layer loses the `fraction` of its output channels with the
     lowest mean informativeness (|mu|/sigma over the channel's weights), its consumers the inputs that fed
-    on them; the smaller float model is fine-tuned from the kept weights and gets its own twin."""
-    import tf_keras as keras
+    on them; layers whose channels a residual add ties keep them all. The smaller float model is
+    fine-tuned from the kept weights (`epochs`, default spec.epochs, as the float stage trains: its
+    augmentation and learning-rate schedule) and gets its own twin."""
+    from edgeq.prune import channel_plan, channel_ties, channel_totals, free_layers, prune_channels
 
-    from edgeq.prune import channel_plan, channel_totals, kernel_layers, prune_channels
-
-    output = kernel_layers(trained.float_model)[-1].name  # its channels are the model's outputs
-    plan = channel_plan(list(trained.posteriors), fraction, skip=(output,))
+    free = free_layers(trained.float_model)
+    tied = sorted(set(channel_ties(trained.float_model)) & set(trained.sizes))
+    plan = channel_plan(
+        list(trained.posteriors), fraction, skip=tuple(n for n in trained.sizes if n not in free)
+    )
     small = prune_channels(trained.float_model, plan)
-    loss, metrics = loss_and_metrics(trained.splits.task, spec.from_logits)
-    small.compile(keras.optimizers.Adam(spec.lr), loss, metrics)
+    tuned = spec if epochs is None else replace(spec, epochs=int(epochs))
+    compile_float(small, tuned, trained.splits)
     kept = plan.kept()
     removed, total = channel_totals(kept)
     on_stage(
         "channels",
         f"removed {removed} of {total} channels ({trained.float_model.count_params():,} -> "
-        f"{small.count_params():,} parameters); fine-tuning the smaller model and training its twin",
+        f"{small.count_params():,} parameters; kept whole: {len(tied)} layers a merge or the output ties); "
+        f"fine-tuning the smaller model for {tuned.epochs} epochs and training its twin",
     )
-    smaller = train(spec, trained.splits, seed, _silent, strategy, model=small)
+    smaller = train(tuned, trained.splits, seed, _silent, strategy, model=small)
     return replace(smaller, channels=kept, unpruned_sizes=dict(trained.sizes))
 
 

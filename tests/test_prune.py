@@ -259,3 +259,63 @@ def test_the_pipeline_sets_the_default_share_of_channels_and_the_flag_overrides_
     assert channels_of(replace(digits, prune_channels=0.0), RunOptions(out=tmp_path)) is None
     with pytest.raises(PlanError, match="pipeline 'digits' sets prune_channels=1.5"):
         channels_of(replace(digits, prune_channels=1.5), RunOptions(out=tmp_path))
+
+
+def _residual_model():
+    """stem -> [a_conv, BN, ReLU, b_conv] + stem -> Add -> GAP -> head: only a_conv's channels are free."""
+    import tf_keras as keras
+
+    L = keras.layers
+    inp = keras.Input((8, 8, 1))
+    stem = L.Conv2D(6, 3, padding="same", name="stem")(inp)
+    y = L.ReLU(name="a_relu")(
+        L.BatchNormalization(name="a_bn")(L.Conv2D(8, 3, padding="same", name="a_conv")(stem))
+    )
+    y = L.Conv2D(6, 3, padding="same", name="b_conv")(y)
+    x = L.GlobalAveragePooling2D(name="gap")(L.Add(name="add")([stem, y]))
+    model = keras.Model(inp, L.Dense(3, name="head")(x), name="res")
+    rng = np.random.default_rng(0)
+    bn = model.get_layer("a_bn")  # moving statistics away from 0/1, so a wrong slice shows
+    bn.set_weights([rng.uniform(0.5, 2.0, v.shape).astype("float32") for v in bn.get_weights()])
+    return model
+
+
+def test_a_residual_model_loses_only_its_free_channels_and_computes_the_same():
+    """The pruned functional model equals the original with the dropped channels' readers zeroed."""
+    import tf_keras as keras
+
+    model = _residual_model()
+    ties = prune.channel_ties(model)
+    assert set(ties) == {"stem", "b_conv", "head"} and "Add layer 'add'" in ties["stem"]
+    assert prune.free_layers(model) == ["a_conv"]
+    keep = np.array([0, 3, 4, 7])
+    small = prune.prune_channels(model, prune.ChannelPlan({"a_conv": keep}, {"a_conv": 8}))
+    assert small.get_layer("a_conv").get_weights()[0].shape == (3, 3, 6, 4)
+    assert small.get_layer("a_bn").get_weights()[0].shape == (4,)
+    assert small.get_layer("b_conv").get_weights()[0].shape == (3, 3, 4, 6)
+    same = keras.models.clone_model(model)
+    same.set_weights(model.get_weights())
+    reader = same.get_layer("b_conv")
+    w = reader.get_weights()
+    w[0][:, :, np.setdiff1d(np.arange(8), keep), :] = 0.0
+    reader.set_weights(w)
+    x = np.random.default_rng(1).random((5, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(small.predict(x, verbose=0), same.predict(x, verbose=0), atol=1e-5)
+    assert not np.allclose(small.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-3)
+    with pytest.raises(prune.PruningError, match="layer 'b_conv' cannot lose channels: Add layer 'add'"):
+        prune.prune_channels(model, prune.ChannelPlan({"b_conv": np.arange(3)}, {"b_conv": 6}))
+    assert [k.get_weights()[0].shape[-1] for k in prune.kernel_layers(prune.trial_prune(model, 0.5))] == [
+        6,
+        4,
+        6,
+        3,
+    ]
+
+
+def test_resnet8_prunes_the_first_conv_of_each_block(tmp_path, digits):
+    from deploy.app import check_pruned_form
+    from edgeq.models import resnet8
+
+    model = resnet8((8, 8, 1), 10)
+    assert prune.free_layers(model) == ["s1b1_a_conv", "s2b1_a_conv", "s3b1_a_conv"]
+    check_pruned_form(model, 0.25, digits[0][:4])  # rebuilds and converts: nothing raised
