@@ -93,8 +93,9 @@ def sizes(model: bytes, kernels: str) -> dict:
     }
 
 
-def peer_rows(trained, spec, seed: int, bits_list: list[int], score, log) -> list[dict]:
-    """int8 PTQ and TF-MOT uniform QAT at each bit width, each measured for both kernel sets."""
+def peer_rows(trained, spec, seed: int, bits_list: list[int], score, log, suffix: str = "") -> list[dict]:
+    """int8 PTQ and TF-MOT uniform QAT at each bit width, each measured for both kernel sets; suffix: added
+    to the rows' names (peers of a pruned model)."""
     from lowbit_qat import qat_fit, tfmot_qat
 
     from deploy.export import convert
@@ -119,7 +120,7 @@ def peer_rows(trained, spec, seed: int, bits_list: list[int], score, log) -> lis
         for kernels in KERNELS:
             rows.append(
                 {
-                    "row": name,
+                    "row": name + suffix,
                     "kind": "peer",
                     "bits": bits,
                     "kernels": kernels,

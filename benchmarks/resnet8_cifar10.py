@@ -3,6 +3,7 @@
     python benchmarks/resnet8_cifar10.py [--data cifar10.npz] [--reference resnet8_int8.tflite]
                                          [--targets 2.5,3] [--bits 8,4,3] [--seed 0] [--epochs N]
                                          [--ram-targets 2.5,2.75] [--ram-kernels cmsis-nn,reference]
+                                         [--prune-channels 0.25] [--prune-epochs 10]
 
 One process trains the ResNet-8 pipeline's float model and Bayesian twin once (pipelines/cifar10_resnet8.py:
 float 30 epochs with flips, shifts and a cosine learning rate, twin 5, QAT 2 epochs, batch 128). All from
@@ -16,7 +17,12 @@ that one float model, split and QAT budget:
   exported for reference kernels (--storage auto, 16 KiB decode budget) and for CMSIS-NN (--storage auto,
   int4, and lut at the 16 KiB decode budget: auto counts DECODE's ~9 KB of code against LUT, the 40 KB
   target is on the model's bytes); with --ram-targets, also planned within the reference's arena for each
-  --ram-kernels set (the search's RAM-budget planning, deploy.planning) and exported for that set.
+  --ram-kernels set (the search's RAM-budget planning, deploy.planning) and exported for that set;
+- with --prune-channels F: the same float model with the fraction F of the output channels removed from
+  each layer whose channels no residual add ties (the blocks' first convs; lowest mean informativeness
+  first, edgeq.training.shrink, as `edgeq run --prune-channels F`), fine-tuned --prune-epochs epochs as
+  the float stage trains, with its own twin; its peers (int8 PTQ, TF-MOT uniform 4-bit QAT of that pruned
+  float model) and the planner's rows at each --targets, exported for both kernel sets.
 
 The data: ../shared/data/cifar10.npz is the real CIFAR-10 split decoded from lossy JPEG copies (quality 75,
 4:2:0), not the canonical images; the accuracies are on that copy, for every row alike. Every model is
@@ -58,6 +64,7 @@ from lenet5_front import (  # noqa: E402
 from provenance import commit, header_lines, run_header  # noqa: E402
 
 from edgeq.io import atomic_write_text  # noqa: E402
+from edgeq.training import shrink  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CIFAR = Path("/work/shared/data/cifar10.npz")
@@ -70,6 +77,7 @@ EXPORTS = (
     ("cmsis-nn, int4", "cmsis-nn", None, "int4"),  # packed INT4 / INT8 weights: no decode buffers
     ("cmsis-nn, lut, 16 KiB slices", "cmsis-nn", 16 * 1024, "lut"),  # flash over arena
 )
+PRUNED = EXPORTS[:2]  # the pruned model's rows: --storage auto for each kernel set
 
 
 def reference_rows(path: Path, x_test: np.ndarray, y_test: np.ndarray, log) -> list[dict]:
@@ -170,6 +178,21 @@ def _float_training(res: dict) -> str:
     return f"{aug}, {how['lr_schedule']} learning rate"
 
 
+def _pruned_lines(res: dict) -> list[str]:
+    """How the '..., F of free channels pruned' rows were made (none: no lines)."""
+    if not res.get("prune_channels"):
+        return []
+    bnn = res["epochs"]["bnn"]
+    return [
+        "",
+        "Rows '..., F of free channels pruned': the same float model with the fraction F of the output "
+        "channels of every layer no residual add ties (s1b1_a_conv, s2b1_a_conv, s3b1_a_conv) removed, "
+        "least informative first, and the inputs that read them; fine-tuned "
+        f"{res['prune_epochs']} epochs as the float stage trains, then its own twin ({bnn} epochs), "
+        "its own peers (int8 PTQ, TF-MOT uniform 4-bit QAT of the pruned float model) and planner.",
+    ]
+
+
 def markdown(res: dict) -> str:
     """The results file: provenance, the targets, the verdicts against TF-MOT, every row."""
     e = res["epochs"]
@@ -187,6 +210,7 @@ def markdown(res: dict) -> str:
         "Tiny's own int8 model (500 epochs with augmentation on the clean images). Model = .tflite bytes; "
         "firmware = model + TFLM runtime + kernels and decoders on a Cortex-M4 for that kernel set. Arena: "
         "reference kernels = host TFLM; cmsis-nn = host TFLM without the INT4 unpack scratch.",
+        *_pruned_lines(res),
         "",
         *target_lines(res["targets"]),
         "",
@@ -239,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         "for each --ram-kernels set and exported for it",
     )
     ap.add_argument("--ram-kernels", default="cmsis-nn,reference", help="the --ram-targets rows' kernel sets")
+    ap.add_argument(
+        "--prune-channels",
+        type=floats,
+        default="",
+        help="also prune this fraction of the untied layers' output channels (each in [0, 1)), fine-tune, "
+        "and plan the smaller model",
+    )
+    ap.add_argument("--prune-epochs", type=int, default=10, help="fine-tuning epochs after pruning")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--limit", type=int, default=None, help="score on the first N test images (smoke runs)")
@@ -258,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --ram-kernels {','.join(bad)}: use {' or '.join(KERNELS)}", file=sys.stderr)
         return 2
     bits = args.bits
+    if bad := [f for f in args.prune_channels if not 0.0 < f < 1.0]:
+        print(f"error: --prune-channels {bad[0]:g}: use fractions in (0, 1), e.g. 0.25", file=sys.stderr)
+        return 2
 
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()
@@ -278,12 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         mine += ram_rows(
             trained, spec, base, ram_targets, ram_kernels, reference, args.verify_rows, score, log
         )
+        for fraction in args.prune_channels:
+            epochs = args.prune_epochs if args.epochs is None else min(args.epochs, args.prune_epochs)
+            pruned = shrink(spec, trained, fraction, args.seed, epochs=epochs)
+            log(f"pruned {fraction:g} of the free channels: {pruned.float_model.count_params():,} parameters")
+            suffix = f", {fraction:g} of free channels pruned"
+            peers += peer_rows(pruned, spec, args.seed, [4], score, log, suffix)
+            mine += edgeq_rows(pruned, spec, base, plan_targets, args.verify_rows, score, log, PRUNED, suffix)
     rows = reference + peers + mine
     out = Path(args.out)
     name = "resnet8_cifar10" if args.limit is None else "resnet8_cifar10_quick"
     res = {
         **run_header("resnet8_cifar10.py", argv, started_at, args.seed, spec, float_acc),
         "test_samples": int(len(y_test)),
+        "prune_channels": args.prune_channels,
+        "prune_epochs": args.prune_epochs if args.epochs is None else min(args.epochs, args.prune_epochs),
         "rows": rows,
         "verdicts": verdicts(peers, mine),
         "targets": targets(rows, reference),
