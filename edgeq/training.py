@@ -165,6 +165,8 @@ def shrink(
     on them; layers whose channels a residual add ties keep them all. The smaller float model is
     fine-tuned from the kept weights (`epochs`, default spec.epochs, as the float stage trains: its
     augmentation and learning-rate schedule) and gets its own twin."""
+    import tf_keras as keras
+
     from edgeq.prune import channel_plan, channel_ties, channel_totals, free_layers, prune_channels
 
     free = free_layers(trained.float_model)
@@ -175,6 +177,8 @@ def shrink(
     small = prune_channels(trained.float_model, plan)
     tuned = spec if epochs is None else replace(spec, epochs=int(epochs))
     compile_float(small, tuned, trained.splits)
+    # seeded here, so the fine-tuning's shuffles and dropout do not hang on how many ops the rebuild made
+    keras.utils.set_random_seed(seed)
     kept = plan.kept()
     removed, total = channel_totals(kept)
     on_stage(
