@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-rows", type=int, default=200, help="test images each export verifies on")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     args = ap.parse_args(argv)
+    if bad := [f for f in args.prune_channels if not 0.0 < f < 1.0]:
+        print(f"error: --prune-channels {bad[0]:g}: use fractions in (0, 1), e.g. 0.25", file=sys.stderr)
+        return 2
     for flag, what, path in (
         ("--data", "CIFAR-10 .npz", args.data),
         ("--reference", "model", args.reference),
@@ -290,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --ram-kernels {','.join(bad)}: use {' or '.join(KERNELS)}", file=sys.stderr)
         return 2
     bits = args.bits
-    if bad := [f for f in args.prune_channels if not 0.0 < f < 1.0]:
-        print(f"error: --prune-channels {bad[0]:g}: use fractions in (0, 1), e.g. 0.25", file=sys.stderr)
-        return 2
 
     started_at = commit()  # the code that runs: later commits must not relabel it
     t_start = time.monotonic()

@@ -51,3 +51,16 @@ def test_benchmark_refuses_a_bad_list_before_any_work(
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"{script}: error: argument {flag}: '{text}' is not a list of {what}"
     assert "no CIFAR-10" not in r.stderr and "no MNIST" not in r.stderr
+
+
+def test_resnet8_refuses_a_prune_fraction_outside_0_1_before_the_data_check() -> None:
+    script = ROOT / "benchmarks" / "resnet8_cifar10.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--data", "/no/such.npz", "--prune-channels", "0.25,1.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    want = "error: --prune-channels 1.5: use fractions in (0, 1), e.g. 0.25"
+    assert r.stderr.strip().splitlines()[-1] == want
