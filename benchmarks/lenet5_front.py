@@ -389,10 +389,12 @@ def beside() -> str:
     import os
     import subprocess
 
-    ps = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True)
-    mine = os.getpid()
-    busy = [ln.split(None, 2) for ln in ps.stdout.splitlines()[1:]]
-    busy = [b[2][:70] for b in busy if len(b) == 3 and int(b[0]) != mine and float(b[1]) >= 20.0]
+    ps = subprocess.Popen(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], stdout=subprocess.PIPE, text=True)
+    out, _ = ps.communicate()
+    # neither this process nor ps itself: a process just started shows its CPU share of a few ms, up to 100%
+    skip = {os.getpid(), ps.pid}
+    busy = [ln.split(None, 2) for ln in out.splitlines()[1:]]
+    busy = [b[2][:70] for b in busy if len(b) == 3 and int(b[0]) not in skip and float(b[1]) >= 20.0]
     return "; ".join(f"`{b}`" for b in busy[:4]) or "nothing else at >= 20% CPU"
 
 
