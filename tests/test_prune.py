@@ -110,9 +110,10 @@ def test_prune_channels_in_the_run_removes_the_least_informative_channels(pruned
     from deploy.flatbuffer import read, weight_inputs
 
     pr = json.loads((pruned_run / "report.json").read_text())["pruning"]
-    # digits_cnn: conv1 16, conv2 32, fc1 64 channels lose a quarter each; fc2's are the 10 classes
+    # digits_cnn: conv1 16, conv2 32, fc1 64 channels lose a quarter each; fc2 keeps its 10 classes and
+    # loses the inputs that read fc1's removed channels
     kept = {c["name"]: (c["channels_kept"], c["channels"]) for c in pr["channels"]}
-    assert kept == {"conv1": (12, 16), "conv2": (24, 32), "fc1": (48, 64)}
+    assert kept == {"conv1": (12, 16), "conv2": (24, 32), "fc1": (48, 64), "fc2": (10, 10)}
     assert pr["channels_removed"] == 28 and pr["channels_total"] == 112
     model = keras.models.load_model(pruned_run / "model_float.keras")
     assert [model.get_layer(n).get_weights()[0].shape[-1] for n in ("conv1", "conv2", "fc1", "fc2")] == [

@@ -149,10 +149,14 @@ def _pruning_section(f: RunFacts) -> dict:
         )
     t = f.trained
     channels = []
-    for name, (kept, of) in t.channels.items():
-        if name not in plan.layers:
+    # every layer the pruning shrank: the pruned ones, and those that only lost the inputs that fed on
+    # removed channels (a residual block's second conv, the output layer), all channels kept
+    for name, before in t.unpruned_sizes.items():
+        before, after = int(before), int(t.sizes.get(name, before))
+        if name not in plan.layers or (name not in t.channels and before == after):
             continue
-        before, after = int(t.unpruned_sizes[name]), int(t.sizes[name])
+        width = int(t.float_model.get_layer(name).get_weights()[0].shape[-1])
+        kept, of = t.channels.get(name, (width, width))
         channels.append(
             {
                 "name": name,
