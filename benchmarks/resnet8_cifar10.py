@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prune-channels",
         type=floats,
         default="",
-        help="also prune this fraction of the untied layers' output channels (each in [0, 1)), fine-tune, "
+        help="also prune this fraction of the untied layers' output channels (each in (0, 1)), fine-tune, "
         "and plan the smaller model",
     )
     ap.add_argument("--prune-epochs", type=int, default=10, help="fine-tuning epochs after pruning")

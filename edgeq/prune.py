@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -268,28 +269,31 @@ def channel_ties(model: keras.Model) -> dict[str, str]:
     return ties
 
 
-def free_layers(model: keras.Model) -> list[str]:
-    """The weight layers whose output channels structured pruning can remove, in graph order."""
-    ties = channel_ties(model)
+def free_layers(model: keras.Model, ties: Mapping[str, str] | None = None) -> list[str]:
+    """The weight layers whose output channels structured pruning can remove, in graph order (ties: the
+    model's channel_ties, where the caller has them already)."""
+    ties = channel_ties(model) if ties is None else ties
     return [k.name for k in kernel_layers(model) if _reads_channels(k) and k.name not in ties]
 
 
-def check_channel_prunable(model: keras.Model) -> None:
-    """Refuse, naming the layers and why, a model whose channels prune_channels cannot remove."""
-    if not free_layers(model):
-        ties = {n: why for n, why in channel_ties(model).items() if why != OUTPUT_TIE}
-        names = " and ".join(repr(n) for n in ties) or "no layer"
-        why = next(iter(ties.values()), "every weight layer is an output or a depthwise conv")
+def check_channel_prunable(model: keras.Model) -> dict[str, str]:
+    """Refuse, naming the layers and why, a model whose channels prune_channels cannot remove; else its
+    channel_ties."""
+    ties = channel_ties(model)
+    if not free_layers(model, ties):
+        tied = {n: why for n, why in ties.items() if why != OUTPUT_TIE}
+        names = " and ".join(repr(n) for n in tied) or "no layer"
+        why = next(iter(tied.values()), "every weight layer is an output or a depthwise conv")
         raise PruningError(f"layer {names} cannot lose channels: {why}; use --prune for weight sparsity")
+    return ties
 
 
 def trial_prune(model: keras.Model, fraction: float) -> keras.Model:
     """The model's pruned form at `fraction` with the channel counts channel_plan will keep (the first
     ones here): built before training, so a model whose smaller form cannot be rebuilt is refused early."""
     _check_sparsity(fraction)
-    check_channel_prunable(model)
-    free = set(free_layers(model))
-    shape = {lyr.name: int(lyr.get_weights()[0].shape[-1]) for lyr in model.layers if lyr.name in free}
+    # a model with no free layer gets an empty plan, which prune_channels refuses, naming the ties
+    shape = {n: int(model.get_layer(n).get_weights()[0].shape[-1]) for n in free_layers(model)}
     plan = ChannelPlan({n: np.arange(kept_count(c, fraction)) for n, c in shape.items()}, shape)
     try:
         return prune_channels(model, plan)
@@ -305,18 +309,17 @@ def trial_prune(model: keras.Model, fraction: float) -> keras.Model:
 def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
     """A smaller copy of the model (Sequential or functional) without the dropped output channels and the
     inputs that fed on them; layers whose channels a merge ties (channel_ties) must keep them all."""
-    check_channel_prunable(model)
-    ties = channel_ties(model)
+    ties = check_channel_prunable(model)
     if tied := [n for n in plan.keep if n in ties]:
         raise PruningError(f"layer {tied[0]!r} cannot lose channels: {ties[tied[0]]}")
     keep_out: dict[str, np.ndarray | None] = {}  # layer -> the channels of its output that stay (None: all)
     flat: dict[str, int | None] = {}  # layer -> channels per position, where its output is a flattened map
-    weights: dict[str, list[np.ndarray]] = {}
+    weights: dict[str, list[np.ndarray]] = {}  # layer -> its weights in the smaller model
     for lyr in model.layers:
         src = next(iter(_inbound(lyr)), None)
         k_in = keep_out.get(src.name) if src is not None else None
         f_in = flat.get(src.name) if src is not None else None
-        w = lyr.get_weights()
+        w = weights[lyr.name] = lyr.get_weights()
         keep_out[lyr.name], flat[lyr.name] = None, None
         if _reads_channels(lyr):
             kernel, rest = w[0], w[1:]
@@ -343,7 +346,7 @@ def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
 
     small = keras.models.clone_model(model, clone_function=smaller)
     small._name = f"{model.name}_pruned"  # noqa: SLF001  (Keras has no public rename)
-    for old in model.layers:
-        if w := weights.get(old.name, old.get_weights()):
-            small.get_layer(old.name).set_weights(w)
+    for name, w in weights.items():
+        if w:
+            small.get_layer(name).set_weights(w)
     return small

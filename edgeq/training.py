@@ -169,8 +169,9 @@ def shrink(
 
     from edgeq.prune import channel_plan, channel_ties, channel_totals, free_layers, prune_channels
 
-    free = free_layers(trained.float_model)
-    tied = sorted(set(channel_ties(trained.float_model)) & set(trained.sizes))
+    ties = channel_ties(trained.float_model)
+    free = free_layers(trained.float_model, ties)
+    tied = set(ties) & set(trained.sizes)
     plan = channel_plan(
         list(trained.posteriors), fraction, skip=tuple(n for n in trained.sizes if n not in free)
     )

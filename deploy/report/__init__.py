@@ -155,8 +155,10 @@ def _pruning_section(f: RunFacts) -> dict:
         before, after = int(before), int(t.sizes.get(name, before))
         if name not in plan.layers or (name not in t.channels and before == after):
             continue
-        width = int(t.float_model.get_layer(name).get_weights()[0].shape[-1])
-        kept, of = t.channels.get(name, (width, width))
+        if name in t.channels:
+            kept, of = t.channels[name]
+        else:  # only its inputs went
+            kept = of = int(t.float_model.get_layer(name).get_weights()[0].shape[-1])
         channels.append(
             {
                 "name": name,
