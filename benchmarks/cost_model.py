@@ -6,7 +6,8 @@ Per model: the float model trained 1 epoch (digits: its data; LeNet-5 28x28x1 an
 random data, which is enough for bytes), one reference conversion at 8 bits (as deploy.planning builds
 it: quantize_model + convert, Dense as FULLY_CONNECTED) read by shapes_from_tflite, then per plan
 (uniform 8/4/3/2/5 bits, then random per-layer bits 2..8, seeded) prepare_qat + 1 QAT epoch + export
-with --storage auto (16 KiB decode budget), which builds and verifies both the int4 and the lut file.
+with --storage auto (16 KiB decode budget), which builds and verifies the int4, the lut and an int4+lut
+file (LUT on a seeded random part of the layers <= 7 bits, INT4/INT8 on the rest).
 Each file is compared with three predictions:
 
 - realised: LUT strides and tables from the converter's integers (isolates the byte model);
@@ -90,6 +91,7 @@ def bench(name: str, n_plans: int) -> dict:
 
     from deploy.export import ExportOptions, convert, export
     from deploy.measure.tflm import arena_bytes
+    from deploy.planning import lut_ops
     from deploy.storage.cost import predict_storage, shapes_from_tflite
     from edgeq.layers import weight_layers
     from edgeq.optimize import prepare_qat, quantize_model
@@ -112,11 +114,14 @@ def bench(name: str, n_plans: int) -> dict:
     while len(plans) < n_plans:
         plans.append({n: int(rng.integers(2, 9)) for n in names})
     rows = []
+    pick = np.random.default_rng(1)  # the int4+lut layers: apart from rng, so the plans stay as they were
     for bits in plans[:n_plans]:
         qat = prepare_qat(model, model, BitPlan.from_bits(bits), (), keep_dense=True)
         qat.compile(keras.optimizers.Adam(1e-4), loss)
         qat.fit(x, y, epochs=1, batch_size=32, verbose=0)
-        ex = export(qat, x, x[:3], ExportOptions("auto"))
+        lut = _mixed_layers(bits, pick)
+        # auto with the LUT layers named builds int4, lut and int4+lut (those layers LUT, the rest INT4)
+        ex = export(qat, x, x[:3], ExportOptions("auto", lut_ops=tuple(lut_ops(shapes, lut))))
         estimates = {
             "realised": _realised_distinct(shapes, ex.uncompressed),
             "planned": _planned_distinct(model, shapes, bits),
@@ -126,12 +131,12 @@ def bench(name: str, n_plans: int) -> dict:
             real = {"flash": len(v.model), "arena": arena_bytes(v.model)}
             row = {"bits": bits, "storage": v.kind, "deployed": v.kind == ex.deployed.kind, **real}
             for label, distinct in estimates.items():
-                p = predict_storage(shapes, bits, v.kind, distinct)
+                p = predict_storage(shapes, bits, v.kind, distinct, lut_layers=lut)
                 row[label] = {"flash": p.flash, "arena": p.arena}
             rows.append(row)
             df, da = (row["realised"][k] - real[k] for k in ("flash", "arena"))
             print(
-                f"{name} {v.kind:4s} {list(bits.values())} flash {real['flash']:,} ({df:+d}) "
+                f"{name} {v.kind:8s} {list(bits.values())} flash {real['flash']:,} ({df:+d}) "
                 f"arena {real['arena']:,} ({da:+d})",
                 flush=True,
             )
@@ -144,6 +149,15 @@ def bench(name: str, n_plans: int) -> dict:
         "rows": rows,
         "worst": {label: _worst(rows, label) for label in ("realised", "planned", "default")},
     }
+
+
+def _mixed_layers(bits: dict[str, int], rng: np.random.Generator) -> list[str]:
+    """Some of the layers LUT can hold (<= 7 bits), never all: the LUT layers of an int4+lut file."""
+    able = [n for n, b in bits.items() if b <= 7]
+    if len(able) < 2:
+        return able[:1] if len(able) < len(bits) else []
+    k = int(rng.integers(1, len(able)))  # 1 .. len(able) - 1
+    return sorted(rng.choice(able, size=k, replace=False).tolist())
 
 
 def _worst(rows: list[dict], label: str) -> dict:
@@ -170,8 +184,9 @@ def markdown(result: dict) -> str:
         f"Commit: {result['commit']}; machine: {m['cpu']}, {m['nproc']} cores; {result['seconds']:.0f} s.",
         "",
         "deploy.storage.cost predicts the stored .tflite's bytes and TFLM's arena from one reference "
-        "conversion (8 bits) per model; each file below is a real export (--storage auto builds int4 and "
-        f"lut), each prediction made without it. Targets: flash {TARGETS['flash']}, arena {TARGETS['arena']}."
+        "conversion (8 bits) per model; each file below is a real export (--storage auto builds int4, lut "
+        "and int4+lut, LUT on a seeded random part of the layers), each prediction made without it. "
+        f"Targets: flash {TARGETS['flash']}, arena {TARGETS['arena']}."
         " "
         "realised = LUT tables from the converter's integers; planned = estimated before QAT from the start "
         "weights (what the planner sees); default = no weights (full grids assumed).",

@@ -142,6 +142,7 @@ def edgeq_rows(
     budgets is logged and gets no row (a RAM budget below what the target's flash allows)."""
     from deploy.app import make_candidate
     from deploy.export import ExportOptions, export
+    from deploy.planning import lut_ops_for
     from deploy.target import load_target
     from edgeq.errors import PlanError
 
@@ -157,7 +158,10 @@ def edgeq_rows(
         qat_s = time.monotonic() - t0
         for label, kernels, budget, storage in exports:
             t = load_target(kernels=kernels, decode_budget=budget if budget else "none")
-            options = ExportOptions(storage, t.decode_budget, t.model_ram, kernels=kernels, count_code=True)
+            lut_ops = lut_ops_for(cand.plan, t.decode_budget)  # an int4+lut plan, exported as planned
+            options = ExportOptions(
+                storage, t.decode_budget, t.model_ram, kernels=kernels, count_code=True, lut_ops=lut_ops
+            )
             # every variant is checked bit for bit in TFLM on verify_rows test images; the accuracy below
             # is each deployed model's own over all 10,000
             ex = export(cand.qat, s.x_train, s.x_test[:verify_rows], options)

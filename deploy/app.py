@@ -23,7 +23,7 @@ from deploy.export import Exported, ExportOptions, convert, convert_float, expor
 from deploy.measure import Measurement, alt_decompression_size, measure_litert, measure_tflm
 from deploy.measure.litert import RESOLVERS
 from deploy.measure.tflm import kernel_set_arena
-from deploy.planning import int8_arena
+from deploy.planning import int8_arena, lut_ops_for
 from deploy.storage import AUTO, check_storage
 from deploy.target import Target
 from edgeq.allocators import allocate, check_method
@@ -287,6 +287,7 @@ def make_candidate(
         kernels=t.kernels,
         count_code=t.counts_code,
         sparse=bool(masks),
+        lut_ops=lut_ops_for(plan, t.decode_budget),  # a planner plan's int4+lut layers
     )
     exported = export(qat, s.x_train, s.x_test, options)
     pruned = opts.prune if masks else None

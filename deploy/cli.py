@@ -291,8 +291,9 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         default=AUTO,
         choices=storage_choices(),
         help="weight storage: "
-        + "; ".join(f"{k.name} = {k.description}" for k in STORAGES.values())
-        + "; auto = the smallest verified one",
+        + "; ".join(f"{k.name} = {k.description}" for k in STORAGES.values() if not k.planned)
+        + "; auto = the smallest verified one (for a planner plan that mixes them per layer, also "
+        + "int4+lut: LUT on its layers, packed INT4/INT8 on the rest)",
     )
     r.add_argument(
         "--prune",

@@ -3,11 +3,12 @@
 For every planned layer and bit width the options carry the grid QAT will really use (edgeq.optimize.
 interval_ranges: the symmetric range fitted to the float kernel, BatchNorm folded, weighted by the twin's
 1/sigma^2, as prepare_qat fixes it), its uncertainty cost sum (Q(w) - w)^2 / sigma^2 on the weights QAT
-starts from, and the bytes deploy.storage.cost predicts for it under each whole-model storage: int4 (INT4
-at <= 4 bits, INT8 above) and lut (TFLM LUT tables for every tensor with <= 128 values per unit). The
-storage is one per model, so each storage is planned on its own with edgeq.planner.plan_for_target and the
-cheaper plan kept. Without a flash budget the target bits mean "no more flash than the uniform plan at
-that many bits", that plan stored as --storage auto would store it.
+starts from, and the bytes deploy.storage.cost predicts for it under each storage family: int4 (INT4
+at <= 4 bits, INT8 above), lut (TFLM LUT tables for every tensor with <= 128 values per unit) and int4+lut
+(each layer LUT or INT4/INT8, the layer's own choice: LUT's bytes where its decode buffer fits the arena).
+Each family is planned on its own with edgeq.planner.plan_for_target and the least-uncertainty plan kept.
+Without a flash budget the target bits mean "no more flash than the uniform plan at that many bits", that
+plan stored as --storage auto would store it.
 
 A plan is accepted only if the storage it assumes is the one --storage auto will pick, by a margin, and
 (for lut plans, whose tables depend on the trained weights) if it fits the budget by that margin; the
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from deploy.export.slicing import DEFAULT_DECODE_BUDGET
 from deploy.storage.cost import (
+    MIXED,
     LayerShape,
     ModelShapes,
     Prediction,
@@ -37,6 +39,7 @@ from deploy.storage.cost import (
     check_layers,
     family_base,
     layer_ram,
+    layer_storage,
     predict_storage,
     ram_floor,
     shapes_from_tflite,
@@ -279,8 +282,15 @@ def family_shapes(
     CMSIS-NN the INT4 family is priced unsliced and with no unpack scratch in the arena."""
     sliced = shapes or reference_shapes(trained, decode_budget, keep_dense)
     if kernels != "cmsis-nn":
-        return {"int4": sliced, "lut": sliced}
-    return {"int4": _per_twin(_PACKED, trained, (keep_dense,), _packed_shapes), "lut": sliced}
+        return {"int4": sliced, "lut": sliced, MIXED: sliced}
+    packed = _per_twin(_PACKED, trained, (keep_dense,), _packed_shapes)
+    # int4+lut: sliced as LUT needs, its INT4 tensors read packed (CMSIS-NN)
+    mixed = _per_twin(_UNPACKED, trained, (id(sliced),), lambda t, _: _no_scratch(sliced))
+    return {"int4": packed, "lut": sliced, MIXED: mixed}
+
+
+def _no_scratch(shapes: ModelShapes) -> ModelShapes:
+    return dataclasses.replace(shapes, int4_scratch=False)
 
 
 def _packed_shapes(trained: Trained, keep_dense: bool) -> ModelShapes:
@@ -289,6 +299,7 @@ def _packed_shapes(trained: Trained, keep_dense: bool) -> ModelShapes:
 
 
 _PACKED: dict[tuple, tuple[Trained, ModelShapes]] = {}
+_UNPACKED: dict[tuple, tuple[Trained, ModelShapes]] = {}
 
 
 _KNOWN_PLANS = 4096  # priced plans a _Pricing keeps
@@ -307,43 +318,70 @@ class _Pricing:
     # pass, the other family's bytes, every target of a search); a VGG-16 arena takes a good part of a second
     _known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     _layers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see _layer
+    _options: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see option
 
-    def exact(self, bits: Mapping[str, int], storage: str = "auto") -> Prediction:
-        kinds = FAMILIES if storage == "auto" else (storage,)
-        preds = [self._stored(k, bits) for k in kinds]
+    def exact(
+        self, bits: Mapping[str, int], storage: str = "auto", lut_layers: frozenset[str] = frozenset()
+    ) -> Prediction:
+        """The file of a plan under a storage; auto: the variant the export's auto keeps by flash (the
+        int4+lut one only for a plan naming its LUT layers)."""
+        kinds = (*FAMILIES, *((MIXED,) if lut_layers else ())) if storage == "auto" else (storage,)
+        preds = [self._stored(k, bits, lut_layers) for k in kinds]
         return min(preds, key=lambda p: p.flash + self.code(p))  # ties: int4, as the export
 
-    def _stored(self, family: str, bits: Mapping[str, int]) -> Prediction:
-        key = (family, tuple(sorted(bits.items())))
+    def _stored(self, family: str, bits: Mapping[str, int], lut_layers: frozenset[str]) -> Prediction:
+        lut_layers = lut_layers if family == MIXED else frozenset()
+        key = (family, tuple(sorted(bits.items())), lut_layers)
         pred = self._known.get(key)
         if pred is None:
             if len(self._known) >= _KNOWN_PLANS:
                 self._known.clear()
             shapes = self.shapes[family]
             check_layers(shapes, bits)
-            layers = {n: self._layer(family, n, bits.get(n)) for n in shapes.names}
+            layers = {
+                n: self._layer(family, n, bits.get(n), layer_storage(family, n, lut_layers))
+                for n in shapes.names
+            }
             stores = {n: st for n, (st, _) in layers.items()}
             parts = {n: b for n, (_, b) in layers.items()}
             pred = self._known[key] = stored_prediction(shapes, stores, parts, family)
         return pred
 
-    def _layer(self, family: str, name: str, bits: int | None) -> tuple[tuple[SliceStore, ...], StoredBytes]:
-        """One layer's tensors at bits (None: not planned, 8 bits) and what they add to the file; a plan
-        differs from the last one priced in a layer or two, so each layer's stores are kept, not the plan's
-        (VGG-16's sliced layers hold thousands of tensors)."""
-        key = (family, name, bits)
+    def _layer(
+        self, family: str, name: str, bits: int | None, storage: str
+    ) -> tuple[tuple[SliceStore, ...], StoredBytes]:
+        """One layer's tensors at bits (None: not planned, 8 bits) stored as `storage`, and what they add to
+        the file; a plan differs from the last one priced in a layer or two, so each layer's stores are
+        kept, not the plan's (VGG-16's sliced layers hold thousands of tensors)."""
+        key = (family, name, bits, storage)
         found = self._layers.get(key)
         if found is None:
             if bits is None:
                 distinct, b = self.fixed[family].get(name), 8
             else:
                 distinct, b = self.grids[family][name][bits].distinct, int(bits)
-            stores = slice_stores(self.shapes[family].layer(name), b, family, distinct)
+            stores = slice_stores(self.shapes[family].layer(name), b, storage, distinct)
             found = self._layers[key] = (stores, stored_bytes(stores))
         return found
 
     def code(self, p: Prediction) -> int:
-        return self.decode_code if p.storage == "lut" else 0
+        return self.decode_code if p.storage in ("lut", MIXED) else 0
+
+    def option(self, family: str, name: str, bits: int, kind: str, size: int) -> Option:
+        """The planner's Option for one layer at bits, its tensors stored as kind (int4 or lut) in a file of
+        the family; kept per shapes, since the int4+lut pass offers the int4 and lut passes' options."""
+        shapes = self.shapes[family]
+        key = (id(shapes), name, bits, kind)
+        found = self._options.get(key)
+        if found is None:
+            g = self.grids[family][name][bits]
+            layer = shapes.layer(name)
+            stores = slice_stores(layer, bits, kind, g.distinct)
+            kinds = sorted({st.kind for st in stores})
+            label = "lut" if "lut" in kinds else kinds[0]  # int4, or int8 (above 4 bits, or too many values)
+            flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
+            found = self._options[key] = Option(name, bits, label, g.grid, flash, ram, g.cost, size)
+        return found
 
 
 def _pricing(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
@@ -361,9 +399,12 @@ def _price(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[i
     grids, fixed = {}, {}
     ranges = layer_ranges(trained, bits)  # once: the grids do not depend on how the bytes are stored
     for k, sh in shapes.items():
-        same = next((j for j in grids if shapes[j] is sh), None)  # reference kernels: one sliced model
+        # reference kernels: one sliced model; int4+lut is sliced as lut is (its tables are the same)
+        same = "lut" if k == MIXED else next((j for j in grids if shapes[j] is sh), None)
         grids[k] = grids[same] if same else layer_grids(trained, sh, bits, ranges)
-        fixed[k] = _fixed_distinct(trained, sh, [n for n in sh.names if n not in grids[k]])
+        fixed[k] = (
+            fixed[same] if same else _fixed_distinct(trained, sh, [n for n in sh.names if n not in grids[k]])
+        )
     return _Pricing(shapes, grids, fixed, code)
 
 
@@ -429,20 +470,11 @@ def plan_layers(
 
     best: tuple[Plan, Prediction, str] | None = None
     for family in FAMILIES:
-        fshapes, grids, distinct = by_family[family], pricing.grids[family], pricing.fixed[family]
+        fshapes, distinct = by_family[family], pricing.fixed[family]
         options, slack = {}, 0
         for name in planned:
-            layer = fshapes.layer(name)
-            opts = []
-            for b in allowed[name]:
-                g = grids[name][b]
-                stores = slice_stores(layer, b, family, g.distinct)
-                kinds = sorted({st.kind for st in stores})
-                label = "lut" if "lut" in kinds else kinds[0]
-                flash, ram = store_flash(stores), layer_ram(fshapes, layer, stores)
-                opts.append(Option(name, b, label, g.grid, flash, ram, g.cost, sizes[name]))
-                slack = max(slack, flash)
-            options[name] = opts
+            options[name] = [pricing.option(family, name, b, family, sizes[name]) for b in allowed[name]]
+            slack = max([slack, *(o.flash_bytes for o in options[name])])
         base = (
             family_base(fshapes, family)
             + (decode_code if family == "lut" else 0)
@@ -464,23 +496,21 @@ def plan_layers(
             room = margin if family == "lut" else 0
             return flash <= budget - room and other.flash + code(other) - flash > margin
 
-        try:
-            # the options' sums overcount LUT tables shared across layers; accept() checks the exact file
-            plan = plan_for_target(
-                options,
-                target_bits,
-                flash_base=base,
-                ram_base=fshapes.tail,
-                ram_floor=ram_floor(fshapes),
-                flash_budget=budget + (slack if family == "lut" else 0),
-                accept=accept,
-            )
-        except PlanError:
+        # the options' sums overcount LUT tables shared across layers; accept() checks the exact file
+        plan = _front_plan(
+            options, target_bits, base, fshapes, budget + (slack if family == "lut" else 0), accept
+        )
+        if plan is None:
             continue
         pred = exact(plan.bits)
         total = pred.flash + code(pred)
         if best is None or (plan.cost, total) < (best[0].cost, best[1].flash + code(best[1])):
             best = (plan, pred, family)
+    found = _mixed_plan(
+        pricing, by_family[MIXED], planned, allowed, sizes, fixed, budget, ram_budget, target_bits, margin
+    )
+    if found is not None and (best is None or found[0].cost < best[0].cost):
+        best = (*found, MIXED)
     if zeros:
         found = _zeros_plan(
             trained, shapes, pricing, allowed, fixed, budget - margin, ram_budget, target_bits, margin
@@ -489,7 +519,7 @@ def plan_layers(
             best = (*found, "huffman")
     if best is None:
         ram = "" if ram_budget is None else f" and {ram_budget:,} B of arena"
-        kinds = "int4, lut or huffman" if zeros else "int4 or lut"
+        kinds = "int4, lut, int4+lut or huffman" if zeros else "int4, lut or int4+lut"
         raise PlanError(
             f"no plan of {lo}..{hi} bits fits {budget:,} B of flash{ram} under {kinds} storage; "
             f"raise the target bits or the {'flash' if ram_budget is None else 'flash or RAM'} budget"
@@ -499,9 +529,12 @@ def plan_layers(
         name: [st.kind if st.kind != "lut" else f"lut{st.index_bits}" for st in stores]
         for name, stores in pred.layers.items()
     }
+    lut_layers = {n for n, kinds in layers_storage.items() if any(k.startswith("lut") for k in kinds)}
     meta = {
         "target_bits": target_bits,
         "storage": pred.storage,
+        # int4+lut: the operators (of the sliced model) whose weights the export stores as LUT
+        "lut_ops": lut_ops(by_family[MIXED], lut_layers) if family == MIXED else [],
         "zeros": {o.layer: o.zeros for o in plan.options if o.zeros},
         "storage_per_layer": layers_storage,
         "predicted": {"flash_bytes": pred.flash, "arena_bytes": pred.arena, "storage": pred.storage},
@@ -519,6 +552,75 @@ def plan_layers(
         "fixed_8_bit_layers": fixed,
     }
     return Planned(plan.to_bitplan("planner", meta=meta), pred, budget, uniform)
+
+
+def _mixed_plan(
+    pricing: _Pricing,
+    shapes: ModelShapes,
+    planned: Sequence[str],
+    allowed: Mapping[str, Sequence[int]],
+    sizes: Mapping[str, int],
+    fixed: Sequence[str],
+    budget: int,
+    ram_budget: int | None,
+    target_bits: float,
+    margin: int,
+) -> tuple[Plan, Prediction] | None:
+    """The least-uncertainty int4+lut plan: each layer LUT or INT4/INT8 at each bit width, so LUT's bytes
+    go where its decode buffer fits the arena (on ResNet-8 the early layers' activations leave no room
+    for one, the last stack's do). Kept only where --storage auto, given its LUT layers, would store it
+    so: smaller by the margin than the int4 and lut files of the same bits that fit the arena."""
+    distinct = pricing.fixed[MIXED]
+    options, slack = {}, 0
+    for name in planned:
+        opts = [pricing.option(MIXED, name, b, "int4", sizes[name]) for b in allowed[name]]
+        luts = [pricing.option(MIXED, name, b, "lut", sizes[name]) for b in allowed[name]]
+        # a lut option none of whose tensors a table can hold is stored int8: the int4 option covers it
+        options[name] = opts + [o for o in luts if o.storage == "lut"]
+        slack = max([slack, *(o.flash_bytes for o in options[name])])
+    code = pricing.decode_code
+    base = (
+        family_base(shapes, MIXED)
+        + code
+        + sum(store_flash(slice_stores(shapes.layer(n), 8, "int4", distinct[n])) for n in fixed)
+    )
+
+    def accept(plan: Plan) -> bool:
+        lut_layers = frozenset(o.layer for o in plan.options if o.storage == "lut")
+        if not lut_layers or len(lut_layers) == len(plan.options):
+            return False  # all INT4 or all LUT: the int4 and lut families' plans
+        bits = plan.bits
+        ex = pricing.exact(bits, MIXED, lut_layers)
+        flash = ex.flash + code
+        if flash > budget - margin or (ram_budget is not None and ex.arena > ram_budget):
+            return False
+        # auto keeps the least flash among the variants that fit the arena (deploy.storage.choose)
+        others = [pricing.exact(bits, k) for k in FAMILIES]
+        return all(
+            o.flash + pricing.code(o) - flash > margin
+            for o in others
+            if ram_budget is None or o.arena <= ram_budget
+        )
+
+    # the options' sums overcount shared tables; accept() is exact
+    plan = _front_plan(options, target_bits, base, shapes, budget + slack, accept)
+    if plan is None:
+        return None
+    lut_layers = frozenset(o.layer for o in plan.options if o.storage == "lut")
+    return plan, pricing.exact(plan.bits, MIXED, lut_layers)
+
+
+def lut_ops(shapes: ModelShapes, lut_layers: Collection[str]) -> list[int]:
+    """The operators of the sliced model that read the weights of lut_layers (ExportOptions.lut_ops)."""
+    return sorted(s.op for layer in shapes.layers if layer.name in lut_layers for s in layer.slices)
+
+
+def lut_ops_for(plan: BitPlan, decode_budget: int | None) -> tuple[int, ...]:
+    """ExportOptions.lut_ops for exporting a plan under a decode budget: the int4+lut plan's operators,
+    which index the model sliced under the plan's own budget; () for another budget or another plan
+    (--storage auto then weighs only the whole-model storages)."""
+    assumed = plan.meta.get("assumes", {}).get("decode_budget")
+    return tuple(plan.meta.get("lut_ops", ())) if decode_budget == assumed else ()
 
 
 ZERO_FRACTIONS = (0.0, 0.5, 0.75, 0.9)  # --prune auto: the shares of a layer's weights the planner may zero
@@ -598,9 +700,19 @@ def _zeros_plan(
         return pred.flash + code <= budget and other.flash + pricing.code(other) - pred.flash - code > margin
 
     base = family_base(shapes, "huffman") + code + sum(store_flash(st) for st in plain.values())
+    plan = _front_plan(
+        {n: [o for o, _ in opts] for n, opts in options.items()}, target_bits, base, shapes, budget, accept
+    )
+    return None if plan is None else (plan, stored(plan))
+
+
+def _front_plan(
+    options, target_bits: float, base: int, shapes: ModelShapes, budget: int, accept
+) -> Plan | None:
+    """One family's least-uncertainty plan within budget that accept() takes (None: there is none)."""
     try:
-        plan = plan_for_target(
-            {n: [o for o, _ in opts] for n, opts in options.items()},
+        return plan_for_target(
+            options,
             target_bits,
             flash_base=base,
             ram_base=shapes.tail,
@@ -610,7 +722,6 @@ def _zeros_plan(
         )
     except PlanError:
         return None
-    return plan, stored(plan)
 
 
 NEAR_BUDGET = (1.0, 0.99, 0.98, 0.96)  # fractions of a search's flash budget the planner is screened at

@@ -231,3 +231,47 @@ def test_a_plan_with_zeros_is_stored_huffman_as_predicted(digits):
         name = layer_name(str(t.name))
         values = tensor_values(t)
         assert np.sum(values == 0) >= np.floor(zeros.get(name, 0.0) * values.size)  # the planned zeros
+
+
+def test_a_mixed_plan_puts_lut_where_it_pays_and_is_stored_as_planned(digits):
+    # int4+lut: per layer, LUT indices or packed INT4/INT8. At 3 bits LUT stores fc1's 18,432 weights in
+    # 3 bits where INT4 takes 4, while conv1 and fc2 are too small to pay for their tables and DECODE
+    # operators; CMSIS-NN reads the INT4 ones packed. A model-file budget: no DECODE code counted.
+    from dataclasses import replace
+
+    from deploy.planning import family_shapes, lut_ops_for
+    from deploy.storage.cost import MIXED
+    from deploy.target import Target
+
+    spec, opts, trained, _ = digits
+    planned = plan_layers(trained, 3.0, spec, kernels="cmsis-nn")
+    meta = planned.plan.meta
+    kinds = {k.rstrip("0123456789") for ks in meta["storage_per_layer"].values() for k in ks}
+    assert meta["storage"] == planned.prediction.storage == MIXED and "lut" in kinds and kinds - {"lut"}
+    shapes = family_shapes(trained, kernels="cmsis-nn")[MIXED]
+    lut_layers = {n for n, ks in meta["storage_per_layer"].items() if ks[0].startswith("lut")}
+    assert meta["lut_ops"] == sorted(s.op for n in lut_layers for s in shapes.layer(n).slices)
+    # the operators index the model sliced under the plan's decode budget; exported unsliced, auto weighs
+    # only the whole-model storages
+    assert lut_ops_for(planned.plan, shapes.decode_budget) == tuple(meta["lut_ops"])
+    assert lut_ops_for(planned.plan, None) == ()
+    model_file = replace(opts, target=Target(kernels="cmsis-nn", flash_budget=planned.budget))
+    cand = make_candidate(trained, spec, model_file, "planner", 3.0, 1, plan=planned.plan)
+    dep = cand.exported.deployed
+    files = {v.kind: len(v.model) for v in cand.exported.variants}
+    assert dep.kind == MIXED and files[MIXED] == min(files.values()) and {"int4", "lut"} <= set(files)
+    assert check_exported(cand.plan, dep.model, shapes) == []
+    assert abs(len(dep.model) - planned.prediction.flash) <= max(64, FLASH_TOL * len(dep.model))
+    assert abs(arena_bytes(dep.model) - planned.prediction.arena) <= ARENA_TOL * arena_bytes(dep.model)
+
+
+def test_the_per_layer_storage_is_the_planners_to_choose(digits):
+    from deploy.storage import StorageError, check_storage, lut
+
+    _, _, trained, shapes = digits
+    with pytest.raises(StorageError, match="the planner chooses it under --storage auto"):
+        check_storage("int4+lut")
+    with pytest.raises(StorageError, match="plan.meta"):
+        lut.build_mixed(b"", ())
+    with pytest.raises(ValueError, match="lut_layers"):
+        predict_storage(shapes, {n: 4 for n in trained.sizes}, "int4+lut")

@@ -127,6 +127,52 @@ def test_the_report_is_the_device_s_arena_flash_and_outputs(board_runs, storage,
 
 @needs_tools
 @needs_trees
+@pytest.mark.slow
+def test_a_model_stored_lut_and_int4_per_layer_runs_bit_identical_on_the_board(tmp_path):
+    # The planner's int4+lut plan (a model-file budget, so no DECODE code weighed) deployed on the board:
+    # DECODE restores the LUT layers into the arena while CMSIS-NN reads the other layers' INT4 packed.
+    # Only with -m slow: its DECODE path is the (lut, reference) run's, its INT4 kernels the (int4,
+    # cmsis-nn) run's, and test_cost_model checks the same file bit for bit in host TFLM.
+    from dataclasses import replace
+
+    from deploy.app import RunOptions, StageClock, deploy, make_candidate, prepare, train_pipeline
+    from deploy.export import ExportOptions, export
+    from deploy.planning import lut_ops_for, plan_layers
+    from deploy.target import load_target
+    from edgeq.pipeline import load_pipeline
+
+    spec = load_pipeline(ROOT / "pipelines" / "digits.py").with_epochs(1)
+    target = load_target(board="mps2-an386", kernels="cmsis-nn")
+    opts = RunOptions(out=tmp_path / "run", prune_channels=0.0, target=target)
+    prepare(spec, opts)
+    trained = train_pipeline(spec, opts)
+    plan = plan_layers(trained, 3.0, spec, kernels="cmsis-nn").plan
+    assert plan.meta["storage"] == "int4+lut"
+    cand = make_candidate(trained, spec, opts, "planner", 3.0, 1, plan=plan)
+    s = trained.splits
+    options = ExportOptions(
+        "auto",
+        target.decode_budget,
+        target.model_ram,
+        kernels="cmsis-nn",
+        count_code=False,
+        lut_ops=lut_ops_for(plan, target.decode_budget),
+    )
+    cand = replace(cand, exported=export(cand.qat, s.x_train, s.x_test, options))
+    assert cand.exported.deployed.kind == "int4+lut"
+    deploy(trained, cand, spec, opts, StageClock())
+    out = opts.out
+    rep = json.loads((out / "report.json").read_text())
+    dev = json.loads((out / "device_report.json").read_text())
+    assert rep["models"]["deployed"]["storage"] == "int4+lut"
+    stored = {w["stored"] for w in rep["models"]["deployed"]["weights"] if not w["lut_bits"]}
+    assert "INT4" in stored and any(w["lut_bits"] for w in rep["models"]["deployed"]["weights"])
+    assert dev["samples"] == dev["bit_identical_rows"] == 270, dev
+    assert "TFLM_DECODE" in rep["target"]["firmware"]["operator_code_bytes"]
+
+
+@needs_tools
+@needs_trees
 def test_cmsis_nn_reads_int4_packed_so_nothing_is_sliced(board_runs):
     ref, cmsis = (
         json.loads((board_runs["int4", k] / "report.json").read_text()) for k in ("reference", "cmsis-nn")

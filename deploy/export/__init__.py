@@ -28,6 +28,8 @@ class ExportOptions:
     kernels: str = "reference"  # the kernel set the firmware links: what it buffers, what code it costs
     count_code: bool = True  # --storage auto counts the decoders' code (deploy/firmware/code_size.json)
     sparse: bool = False  # the weights were pruned: --storage auto also tries the kinds that pay on zeros
+    # the operators (of the sliced model) a planner plan stores as LUT, the others INT4/INT8 (int4+lut)
+    lut_ops: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Exported:
 def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOptions) -> Exported:
     """Convert; slice under the decode budget where the kernels buffer weights, store, keep the best."""
     uncompressed = convert(qat, x_calibrate, via_saved_model=False)
-    buffered = any(k.slices(options.kernels) for k in kinds_for(options.storage, options.sparse))
+    kinds = kinds_for(options.storage, options.sparse, planned=bool(options.lut_ops))
+    buffered = any(k.slices(options.kernels) for k in kinds)
     budget = options.decode_budget if buffered else None
     sliced = slice_weights(uncompressed, budget) if budget else None
     deployed, variants = choose(
@@ -55,6 +58,7 @@ def export(qat, x_calibrate: np.ndarray, x_verify: np.ndarray, options: ExportOp
         kernels=options.kernels,
         code_of=_code_of(options.kernels) if options.count_code else None,
         sparse=options.sparse,
+        lut_ops=options.lut_ops,
     )
     used_slices = sliced is not None and STORAGES[deployed.kind].slices(options.kernels)
     return Exported(uncompressed, deployed, variants, sliced if used_slices else None)

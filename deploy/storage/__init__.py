@@ -18,7 +18,7 @@ from deploy.storage.base import Storage, StorageError, StorageKind
 from edgeq.registry import registered as table_entry
 
 STORAGES: dict[str, StorageKind] = {
-    k.name: k for k in (int8.KIND, int4.KIND, lut.KIND, prune.KIND, huffman.KIND)
+    k.name: k for k in (int8.KIND, int4.KIND, lut.KIND, lut.MIXED_KIND, prune.KIND, huffman.KIND)
 }
 AUTO = "auto"
 
@@ -36,8 +36,9 @@ __all__ = [
 
 
 def choices() -> tuple[str, ...]:
-    """What --storage accepts: every kind in the table, and auto."""
-    return (*STORAGES, AUTO)
+    """What --storage accepts: every kind in the table a user may name, and auto (the per-layer kinds
+    are the planner's to choose: auto builds them for a plan that names its layers' storage)."""
+    return (*(k for k, kind in STORAGES.items() if not kind.planned), AUTO)
 
 
 def registered(kind: StorageKind):
@@ -47,6 +48,11 @@ def registered(kind: StorageKind):
 
 def check_storage(name: str) -> str:
     """The name, or a StorageError listing the table."""
+    if name in STORAGES and STORAGES[name].planned:
+        raise StorageError(
+            f"storage {name!r} is per layer: the planner chooses it under --storage auto (the default); "
+            f"use one of {', '.join(choices())}"
+        )
     if name not in choices():
         raise StorageError(f"unknown storage {name!r}; use one of {', '.join(choices())}")
     return name
@@ -63,11 +69,18 @@ def verify_same_outputs(reference_raw: np.ndarray, candidate: bytes, x: np.ndarr
         )
 
 
-def kinds_for(storage: str, sparse: bool = False) -> list[StorageKind]:
+def kinds_for(storage: str, sparse: bool = False, planned: bool = False) -> list[StorageKind]:
     """The storage kinds a --storage value builds: the one named, or every kind in auto (with the kinds
-    that pay on zeros when the weights were pruned: sparse)."""
+    that pay on zeros when the weights were pruned: sparse; the per-layer ones when a plan names its
+    layers' storage: planned)."""
+    if storage in STORAGES and STORAGES[storage].planned and planned:
+        return [STORAGES[storage]]
     if check_storage(storage) == AUTO:
-        return [k for k in STORAGES.values() if k.in_auto or (sparse and k.sparse)]
+        return [
+            k
+            for k in STORAGES.values()
+            if (k.in_auto or (sparse and k.sparse)) and (planned or not k.planned)
+        ]
     return [STORAGES[storage]]
 
 
@@ -82,20 +95,22 @@ def choose(
     kernels: str = "reference",
     code_of: Callable[[bytes], int] | None = None,
     sparse: bool = False,
+    lut_ops: tuple[int, ...] = (),
 ) -> tuple[Storage, tuple[Storage, ...]]:
     """Build the storage variants asked for, verify each against reference (default: converted).
 
     A kind that buffers its weights under `kernels` is built from `sliced` (when given), the others from
     `converted`. The least flash wins, counting code_of(model) (the decoders' code) when given; with
     arena_limit, the least among the variants whose TFLM arena fits it (or the smallest arena when none
-    does), since DECODE buffers cost RAM.
+    does), since DECODE buffers cost RAM. lut_ops: the operators (of the model a planned kind is built
+    from) that a planner plan stores as LUT; auto then tries the per-layer kinds too.
     """
-    kinds = kinds_for(storage, sparse)  # an unknown storage is refused before any work
+    kinds = kinds_for(storage, sparse, planned=bool(lut_ops))  # an unknown storage: refused before work
     reference_raw = run_tflm(converted if reference is None else reference, verify_x)
     variants = []
     for kind in kinds:
         source = sliced if sliced is not None and kind.slices(kernels) else converted
-        built = kind.build(source)
+        built = kind.build(source, lut_ops) if kind.planned else kind.build(source)
         v = Storage(built.kind, compact(built.model), built.tensors)
         verify_same_outputs(reference_raw, v.model, verify_x, f"{v.kind} model")
         variants.append(v)

@@ -27,7 +27,9 @@ class StorageKind:
     """One entry of the storage table: how to build it and what it costs the device beyond its bytes."""
 
     name: str
-    build: Callable[[bytes], Storage]  # the converted model (INT4 where <= 4 bits) -> the stored model
+    # the converted model (INT4 where <= 4 bits) -> the stored model; a planned kind also takes the
+    # operators the plan stores its way (ExportOptions.lut_ops)
+    build: Callable[..., Storage]
     description: str
     decoder: str | None = None  # the DECODE type the firmware needs for it (its code costs flash)
     in_auto: bool = True  # tried by --storage auto
@@ -35,6 +37,7 @@ class StorageKind:
     # Kernel sets that hold a decoded or unpacked copy of each weight tensor in the arena at run time:
     # for them the exporter slices big tensors under the decode budget. CMSIS-NN reads INT4 as packed.
     buffers_on: tuple[str, ...] = ("reference", "cmsis-nn")
+    planned: bool = False  # built per layer as a planner plan says: only for a plan that names its layers
 
     def slices(self, kernels: str) -> bool:
         """Whether this storage's weights are sliced under the decode budget for that kernel set."""

@@ -18,6 +18,8 @@ persistent arena. What a plan changes is then counted object by object:
   table); once per model the DECODE operator code.
   index_bits = ceil(log2(stride)), stride = the most distinct values in any unit, so a 5-bit layer
   with 9 weights per channel is stored in 4-bit indices.
+- int4+lut storage (deploy.storage.lut.build_mixed): the layers a plan names as lut, the others as int4;
+  the DECODE operator code once, as lut.
 - arena: TFLM's greedy planner, simulated exactly over the activations, each INT4 operator's unpack
   scratch (its int8 weights) and each DECODE output (alive from DECODE to its consumer), 16-byte
   aligned; plus the reference's persistent tail and, per DECODE and per tensor it adds, their
@@ -32,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +57,8 @@ TAIL_INT4_OP = 8  # an INT4 operator's scratch-buffer request
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 STORAGE_KINDS = ("int8", "int4", "lut", "huffman")  # how one weight tensor is stored in the file
 DECODED = ("lut", "huffman")  # the tensor kinds a DECODE operator restores
-EXPORT_STORAGES = ("int4", "lut", "int8", "auto")  # whole-model storages predict() knows
+MIXED = "int4+lut"  # per layer: LUT on the layers a plan names, INT4/INT8 on the others (deploy.storage.lut)
+EXPORT_STORAGES = ("int4", "lut", "int8", MIXED, "auto")  # the storages predict() knows
 
 
 def _pad4(n: int) -> int:
@@ -217,6 +220,11 @@ class Prediction:
     flash: int
     layers: Mapping[str, tuple[SliceStore, ...]] = field(repr=False, default_factory=dict)
     shapes: ModelShapes | None = field(repr=False, compare=False, default=None)
+
+    @property
+    def decoded(self) -> bool:
+        """Some tensor sits behind a DECODE operator: the firmware links the DECODE kernel's code."""
+        return self.storage in DECODED or self.storage == MIXED
 
     @functools.cached_property
     def arena(self) -> int:
@@ -464,7 +472,7 @@ def store_flash(stores: Sequence[SliceStore]) -> int:
 def family_base(shapes: ModelShapes, storage: str) -> int:
     """Flash of the stored file without the weight tensors' storage-dependent bytes (see store_flash)."""
     base = shapes.int8_flash - shapes.weight_bytes_int8
-    if storage in DECODED:
+    if storage in DECODED or storage == MIXED:
         return base + LUT_OPCODE  # the DECODE operator code is new
     return base  # int8, int4: compact writes the same structure whatever the weights' types
 
@@ -477,16 +485,31 @@ def check_layers(shapes: ModelShapes, bits: Mapping[str, int]) -> None:
 
 
 def resolve(
-    shapes: ModelShapes, bits: Mapping[str, int], storage: str, distinct: Distinct | None = None
+    shapes: ModelShapes,
+    bits: Mapping[str, int],
+    storage: str,
+    distinct: Distinct | None = None,
+    lut_layers: Collection[str] = (),
 ) -> dict[str, tuple[SliceStore, ...]]:
-    """Every layer's tensors under a whole-model storage; layers missing from bits stay at 8 bits."""
+    """Every layer's tensors under a storage; layers missing from bits stay at 8 bits. MIXED stores the
+    lut_layers as LUT and the others as int4 would."""
     check_layers(shapes, bits)
     return {
         layer.name: slice_stores(
-            layer, int(bits.get(layer.name, 8)), storage, (distinct or {}).get(layer.name)
+            layer,
+            int(bits.get(layer.name, 8)),
+            layer_storage(storage, layer.name, lut_layers),
+            (distinct or {}).get(layer.name),
         )
         for layer in shapes.layers
     }
+
+
+def layer_storage(storage: str, name: str, lut_layers: Collection[str]) -> str:
+    """How one layer's tensors are stored under a storage: MIXED's per layer, the others' whole-model."""
+    if storage != MIXED:
+        return storage
+    return "lut" if name in lut_layers else "int4"
 
 
 def flash_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]], storage: str) -> int:
@@ -496,7 +519,7 @@ def flash_of(shapes: ModelShapes, stores: Mapping[str, Sequence[SliceStore]], st
 
 def layers_flash(shapes: ModelShapes, parts: Sequence[StoredBytes], storage: str) -> int:
     """Bytes of the stored file whose every layer adds `parts` (stored_bytes of its tensors)."""
-    if storage in DECODED and not any(p.decoded for p in parts):
+    if (storage in DECODED or storage == MIXED) and not any(p.decoded for p in parts):
         # nothing to compress: the storage hands back the widened model, the int8 storage's file
         storage = "int8"
     return family_base(shapes, storage) + bytes_total(parts)
@@ -571,8 +594,10 @@ def predict_storage(
     storage: str = "auto",
     distinct: Distinct | None = None,
     decode_code: int = 0,
+    lut_layers: Collection[str] = (),
 ) -> Prediction:
-    """The stored file of a plan (layer -> bits, or a BitPlan) under a storage; auto: the smaller of int4/lut.
+    """The stored file of a plan (layer -> bits, or a BitPlan) under a storage; auto: the smallest of
+    int4, lut and (when lut_layers names the plan's LUT layers) MIXED.
 
     distinct: per layer and slice (stride, tables key), e.g. from slice_distinct; default: full grids.
     decode_code: the DECODE kernel's code, which auto adds to a file with LUT tensors when it weighs them
@@ -581,13 +606,15 @@ def predict_storage(
     bits = dict(getattr(plan, "bits", plan))
     if storage not in EXPORT_STORAGES:
         raise ValueError(f"storage {storage!r}: use one of {', '.join(EXPORT_STORAGES)}")
-    kinds = ("int4", "lut") if storage == "auto" else (storage,)
+    if storage == MIXED and not lut_layers:
+        raise ValueError(f"storage {MIXED!r} needs lut_layers: the layers it stores as LUT")
+    kinds = ("int4", "lut", *((MIXED,) if lut_layers else ())) if storage == "auto" else (storage,)
     preds = []
     for kind in kinds:
-        stores = resolve(shapes, bits, kind, distinct)
+        stores = resolve(shapes, bits, kind, distinct, lut_layers)
         preds.append(stored_prediction(shapes, stores, {n: stored_bytes(s) for n, s in stores.items()}, kind))
     # ties: int4, as deploy.storage.choose (first of the smallest)
-    return min(preds, key=lambda p: p.flash + (decode_code if p.storage == "lut" else 0))
+    return min(preds, key=lambda p: p.flash + (decode_code if p.decoded else 0))
 
 
 def stored_prediction(
