@@ -64,3 +64,18 @@ def test_resnet8_refuses_a_prune_fraction_outside_0_1_before_the_data_check() ->
     assert r.returncode == 2
     want = "error: --prune-channels 1.5: use fractions in (0, 1), e.g. 0.25"
     assert r.stderr.strip().splitlines()[-1] == want
+
+
+def test_resnet8_pruned_only_needs_a_prune_fraction() -> None:
+    script = ROOT / "benchmarks" / "resnet8_cifar10.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--data", "/no/such.npz", "--pruned-only"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "error: --pruned-only needs --prune-channels F (the fraction to prune)"
+    )
