@@ -498,7 +498,13 @@ def plan_layers(
 
         # the options' sums overcount LUT tables shared across layers; accept() checks the exact file
         plan = _front_plan(
-            options, target_bits, base, fshapes, budget + (slack if family == "lut" else 0), accept
+            options,
+            target_bits,
+            base,
+            fshapes,
+            budget + (slack if family == "lut" else 0),
+            accept,
+            math.inf if best is None else best[0].cost,
         )
         if plan is None:
             continue
@@ -507,13 +513,32 @@ def plan_layers(
         if best is None or (plan.cost, total) < (best[0].cost, best[1].flash + code(best[1])):
             best = (plan, pred, family)
     found = _mixed_plan(
-        pricing, by_family[MIXED], planned, allowed, sizes, fixed, budget, ram_budget, target_bits, margin
+        pricing,
+        by_family[MIXED],
+        planned,
+        allowed,
+        sizes,
+        fixed,
+        budget,
+        ram_budget,
+        target_bits,
+        margin,
+        math.inf if best is None else best[0].cost,
     )
     if found is not None and (best is None or found[0].cost < best[0].cost):
         best = (*found, MIXED)
     if zeros:
         found = _zeros_plan(
-            trained, shapes, pricing, allowed, fixed, budget - margin, ram_budget, target_bits, margin
+            trained,
+            shapes,
+            pricing,
+            allowed,
+            fixed,
+            budget - margin,
+            ram_budget,
+            target_bits,
+            margin,
+            math.inf if best is None else best[0].cost,
         )
         if found is not None and (best is None or found[0].cost < best[0].cost):
             best = (*found, "huffman")
@@ -565,11 +590,13 @@ def _mixed_plan(
     ram_budget: int | None,
     target_bits: float,
     margin: int,
+    bound: float = math.inf,
 ) -> tuple[Plan, Prediction] | None:
-    """The least-uncertainty int4+lut plan: each layer LUT or INT4/INT8 at each bit width, so LUT's bytes
-    go where its decode buffer fits the arena (on ResNet-8 the early layers' activations leave no room
-    for one, the last stack's do). Kept only where --storage auto, given its LUT layers, would store it
-    so: smaller by the margin than the int4 and lut files of the same bits that fit the arena."""
+    """The least-uncertainty int4+lut plan (of cost at most bound): each layer LUT or INT4/INT8 at each
+    bit width, so LUT's bytes go where its decode buffer fits the arena (on ResNet-8 the early layers'
+    activations leave no room for one, the last stack's do). Kept only where --storage auto, given its LUT
+    layers, would store it so: smaller by the margin than the int4 and lut files of the same bits that fit
+    the arena."""
     distinct = pricing.fixed[MIXED]
     options, slack = {}, 0
     for name in planned:
@@ -603,7 +630,7 @@ def _mixed_plan(
         )
 
     # the options' sums overcount shared tables; accept() is exact
-    plan = _front_plan(options, target_bits, base, shapes, budget + slack, accept)
+    plan = _front_plan(options, target_bits, base, shapes, budget + slack, accept, bound)
     if plan is None:
         return None
     lut_layers = frozenset(o.layer for o in plan.options if o.storage == "lut")
@@ -676,9 +703,11 @@ def _zeros_plan(
     ram_budget: int | None,
     target_bits: float,
     margin: int,
+    bound: float = math.inf,
 ) -> tuple[Plan, Prediction] | None:
-    """The least-uncertainty plan of the huffman family (zero_options) within budget, with some zeros and
-    smaller, by the margin, than --storage auto's int4/lut file of the same bits (else auto stores that)."""
+    """The least-uncertainty plan (of cost at most bound) of the huffman family (zero_options) within
+    budget, with some zeros and smaller, by the margin, than --storage auto's int4/lut file of the same
+    bits (else auto stores that)."""
     from deploy.storage.cost import flash_of
 
     options = zero_options(trained, shapes, pricing.grids["lut"], allowed)
@@ -701,15 +730,34 @@ def _zeros_plan(
 
     base = family_base(shapes, "huffman") + code + sum(store_flash(st) for st in plain.values())
     plan = _front_plan(
-        {n: [o for o, _ in opts] for n, opts in options.items()}, target_bits, base, shapes, budget, accept
+        {n: [o for o, _ in opts] for n, opts in options.items()},
+        target_bits,
+        base,
+        shapes,
+        budget,
+        accept,
+        bound,
     )
     return None if plan is None else (plan, stored(plan))
 
 
+class _Costlier(Exception):
+    """A family's walk of its front reached plans costlier than another family's plan already found."""
+
+
 def _front_plan(
-    options, target_bits: float, base: int, shapes: ModelShapes, budget: int, accept
+    options, target_bits: float, base: int, shapes: ModelShapes, budget: int, accept, bound: float = math.inf
 ) -> Plan | None:
-    """One family's least-uncertainty plan within budget that accept() takes (None: there is none)."""
+    """One family's least-uncertainty plan within budget that accept() takes, of cost at most bound (None:
+    there is none). The front is walked cheapest first, so the walk ends at the first plan over the bound:
+    the families' plans are compared by cost, and one over it could not be kept (at VGG-16 shapes the lut
+    family's walk checked 3,201 exact files for nothing)."""
+
+    def bounded(plan: Plan) -> bool:
+        if plan.cost > bound:
+            raise _Costlier
+        return accept(plan)
+
     try:
         return plan_for_target(
             options,
@@ -718,9 +766,9 @@ def _front_plan(
             ram_base=shapes.tail,
             ram_floor=ram_floor(shapes),
             flash_budget=budget,
-            accept=accept,
+            accept=bounded,
         )
-    except PlanError:
+    except (PlanError, _Costlier):
         return None
 
 
