@@ -319,6 +319,7 @@ class _Pricing:
     _known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     _layers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see _layer
     _options: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see option
+    _shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see shared_bytes
 
     def exact(
         self, bits: Mapping[str, int], storage: str = "auto", lut_layers: frozenset[str] = frozenset()
@@ -381,7 +382,13 @@ class _Pricing:
             label = "lut" if "lut" in kinds else kinds[0]  # int4, or int8 (above 4 bits, or too many values)
             flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
             found = self._options[key] = Option(name, bits, label, g.grid, flash, ram, g.cost, size)
+            self._shared[(id(shapes), found)] = sum(stored_bytes(stores).shared.values())
         return found
+
+    def shared_bytes(self, family: str, option: Option) -> int:
+        """The bytes of the LUT tables an option's flash counts that other layers may share: the most a
+        plan's sum of option flashes overcounts the file by, per layer (the planner's slack)."""
+        return self._shared[(id(self.shapes[family]), option)]
 
 
 def _pricing(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
@@ -474,7 +481,7 @@ def plan_layers(
         options, slack = {}, 0
         for name in planned:
             options[name] = [pricing.option(family, name, b, family, sizes[name]) for b in allowed[name]]
-            slack = max([slack, *(o.flash_bytes for o in options[name])])
+            slack += max(pricing.shared_bytes(family, o) for o in options[name])
         base = (
             family_base(fshapes, family)
             + (decode_code if family == "lut" else 0)
@@ -604,7 +611,7 @@ def _mixed_plan(
         luts = [pricing.option(MIXED, name, b, "lut", sizes[name]) for b in allowed[name]]
         # a lut option none of whose tensors a table can hold is stored int8: the int4 option covers it
         options[name] = opts + [o for o in luts if o.storage == "lut"]
-        slack = max([slack, *(o.flash_bytes for o in options[name])])
+        slack += max(pricing.shared_bytes(MIXED, o) for o in options[name])
     code = pricing.decode_code
     base = (
         family_base(shapes, MIXED)
