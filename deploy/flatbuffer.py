@@ -570,9 +570,14 @@ def unpack_int4_tensors(model_bytes: bytes) -> bytes:
     if not packed:
         return bytes(model_bytes)  # not rebuilt: a DECODE model's layout and alignment stay as they are
     for t in packed:
-        t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
-        t.dtype = INT8
+        widen_int4(t)
     return build(model)
+
+
+def widen_int4(t) -> None:
+    """Store a model_editor INT4 weight tensor as INT8, the same values (the LUT compressor reads int8)."""
+    t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
+    t.dtype = INT8
 
 
 # Metadata the converter writes for people and for LiteRT's version checks; TFLM never reads it.

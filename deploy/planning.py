@@ -318,8 +318,8 @@ class _Pricing:
     # pass, the other family's bytes, every target of a search); a VGG-16 arena takes a good part of a second
     _known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     _layers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see _layer
-    _options: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see option
-    _shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # see shared_bytes
+    # see option: (layer, bits, kind) per shapes -> (its Option, its shareable table bytes)
+    _options: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def exact(
         self, bits: Mapping[str, int], storage: str = "auto", lut_layers: frozenset[str] = frozenset()
@@ -374,21 +374,22 @@ class _Pricing:
         shapes = self.shapes[family]
         key = (id(shapes), name, bits, kind)
         found = self._options.get(key)
-        if found is None:
-            g = self.grids[family][name][bits]
-            layer = shapes.layer(name)
-            stores = slice_stores(layer, bits, kind, g.distinct)
-            kinds = sorted({st.kind for st in stores})
-            label = "lut" if "lut" in kinds else kinds[0]  # int4, or int8 (above 4 bits, or too many values)
-            flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
-            found = self._options[key] = Option(name, bits, label, g.grid, flash, ram, g.cost, size)
-            self._shared[(id(shapes), found)] = sum(stored_bytes(stores).shared.values())
-        return found
+        if found is not None:
+            return found[0]
+        g = self.grids[family][name][bits]
+        layer = shapes.layer(name)
+        stores = slice_stores(layer, bits, kind, g.distinct)
+        kinds = sorted({st.kind for st in stores})
+        label = "lut" if "lut" in kinds else kinds[0]  # int4, or int8 (above 4 bits, or too many values)
+        flash, ram = store_flash(stores), layer_ram(shapes, layer, stores)
+        option = Option(name, bits, label, g.grid, flash, ram, g.cost, size)
+        self._options[key] = (option, sum(stored_bytes(stores).shared.values()))
+        return option
 
-    def shared_bytes(self, family: str, option: Option) -> int:
-        """The bytes of the LUT tables an option's flash counts that other layers may share: the most a
-        plan's sum of option flashes overcounts the file by, per layer (the planner's slack)."""
-        return self._shared[(id(self.shapes[family]), option)]
+    def shared_bytes(self, family: str, name: str, bits: int, kind: str) -> int:
+        """The bytes of the LUT tables option(family, name, bits, kind) counts that other layers may share:
+        the most a plan's sum of option flashes overcounts the file by, per layer (the planner's slack)."""
+        return self._options[(id(self.shapes[family]), name, bits, kind)][1]
 
 
 def _pricing(trained: Trained, shapes: Mapping[str, ModelShapes], bits: Sequence[int], code: int) -> _Pricing:
@@ -481,7 +482,7 @@ def plan_layers(
         options, slack = {}, 0
         for name in planned:
             options[name] = [pricing.option(family, name, b, family, sizes[name]) for b in allowed[name]]
-            slack += max(pricing.shared_bytes(family, o) for o in options[name])
+            slack += max(pricing.shared_bytes(family, name, b, family) for b in allowed[name])
         base = (
             family_base(fshapes, family)
             + (decode_code if family == "lut" else 0)
@@ -611,7 +612,8 @@ def _mixed_plan(
         luts = [pricing.option(MIXED, name, b, "lut", sizes[name]) for b in allowed[name]]
         # a lut option none of whose tensors a table can hold is stored int8: the int4 option covers it
         options[name] = opts + [o for o in luts if o.storage == "lut"]
-        slack += max(pricing.shared_bytes(MIXED, o) for o in options[name])
+        # (a lut option left out stores no table: its shared bytes are 0)
+        slack += max(pricing.shared_bytes(MIXED, name, b, k) for b in allowed[name] for k in ("int4", "lut"))
     code = pricing.decode_code
     base = (
         family_base(shapes, MIXED)

@@ -9,7 +9,6 @@ import numpy as np
 
 from deploy.flatbuffer import (
     INT4,
-    INT8,
     WeightTensor,
     channel_axis,
     is_per_channel,
@@ -18,6 +17,7 @@ from deploy.flatbuffer import (
     tensor_values,
     unpack_int4_tensors,
     weight_inputs,
+    widen_int4,
 )
 from deploy.flatbuffer import build as build_flatbuffer
 from deploy.storage.base import Storage, StorageError, StorageKind
@@ -49,9 +49,8 @@ def build_mixed(converted: bytes, ops: Collection[int], max_bits: int = MAX_LUT_
     model = read(converted)
     chosen = _weight_ops(model, ops)
     for t in chosen.values():
-        if t.dtype == INT4:  # the compressor reads int8 values; the other INT4 tensors stay packed
-            t.buffer.data = tensor_values(t).astype(np.int8).tobytes()
-            t.dtype = INT8
+        if t.dtype == INT4:  # the other INT4 tensors stay packed
+            widen_int4(t)
     return _compressed(build_flatbuffer(model), set(chosen), max_bits, MIXED)
 
 
