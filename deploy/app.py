@@ -19,11 +19,19 @@ import deploy.planning  # noqa: F401  (registers the "planner" allocation method
 import edgeq  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
 from deploy import report
 from deploy.artifacts import check_space, prepare_out, staging
+from deploy.channels import CHANNEL_FRACTIONS, ChannelChoice, choose_channels
 from deploy.export import Exported, ExportOptions, convert, convert_float, export
 from deploy.measure import Measurement, alt_decompression_size, measure_litert, measure_tflm
 from deploy.measure.litert import RESOLVERS
 from deploy.measure.tflm import kernel_set_arena
-from deploy.planning import int8_arena, lut_ops_for
+from deploy.planning import (
+    int8_arena,
+    lut_ops_for,
+    plan_layers,
+    planner_settings,
+    target_budget,
+    targets_for_budget,
+)
 from deploy.storage import AUTO, check_storage
 from deploy.target import Target
 from edgeq.allocators import allocate, check_method
@@ -82,8 +90,9 @@ class RunOptions:
     prune: float | str | None = None
     # --prune-channels: the fraction of each hidden layer's output channels removed after the twin, the
     # least informative first; the smaller model is fine-tuned and gets its own twin (edgeq.training.shrink).
-    # None: the pipeline's (PipelineSpec.prune_channels); 0: none
-    prune_channels: float | None = None
+    # None: the pipeline's (PipelineSpec.prune_channels); 0: none; "auto": the planner chooses each layer's
+    # share with its bits, within the unpruned model's flash at the target (deploy.channels)
+    prune_channels: float | str | None = None
     force: bool = False  # replace files in out that edgeq did not write (see deploy.artifacts)
 
 
@@ -97,8 +106,9 @@ def check_target_bits(bits: float) -> float:
 PRUNE_AUTO = "auto"
 
 
-def channels_of(spec: PipelineSpec, opts: RunOptions) -> float | None:
-    """The share of output channels this run removes: --prune-channels, else the pipeline's (None: none)."""
+def channels_of(spec: PipelineSpec, opts: RunOptions) -> float | str | None:
+    """The share of output channels this run removes: --prune-channels, else the pipeline's (None: none;
+    "auto": the planner chooses each layer's, deploy.channels)."""
     if opts.prune_channels is not None:
         return check_prune(opts.prune_channels, "--prune-channels")
     fraction = spec.prune_channels
@@ -111,9 +121,9 @@ def channels_of(spec: PipelineSpec, opts: RunOptions) -> float | None:
 
 
 def check_prune(fraction: float | str | None, flag: str = "--prune") -> float | str | None:
-    """--prune, --prune-channels: None (none) or a fraction of each layer's weights (channels) in [0, 1);
-    --prune also "auto" (the planner's choice per layer)."""
-    if fraction is None or (fraction == PRUNE_AUTO and flag == "--prune"):
+    """--prune, --prune-channels: None (none), a fraction of each layer's weights (channels) in [0, 1), or
+    "auto" (the planner's choice per layer)."""
+    if fraction is None or fraction == PRUNE_AUTO:
         return fraction
     if not (np.isfinite(fraction) and 0.0 <= fraction < 1.0):
         what = "output channels to remove" if flag == "--prune-channels" else "weights to zero"
@@ -155,12 +165,15 @@ def prepare(spec: PipelineSpec, opts: RunOptions) -> tuple[PipelineSpec, float, 
     method = check_method(opts.method or spec.method or DEFAULT_METHOD).name
     check_storage(opts.storage)
     check_prune(opts.prune)
-    channels_of(spec, opts)
-    if opts.prune == PRUNE_AUTO and method != "planner":
-        raise PlanError(
-            f"--prune auto lets the planner choose each layer's zeros; it needs --method planner (the "
-            f"default), not {method!r}: pass a fraction such as --prune 0.5 instead"
-        )
+    for flag, value, what in (
+        ("--prune", opts.prune, "zeros"),
+        ("--prune-channels", channels_of(spec, opts), "channels"),
+    ):
+        if value == PRUNE_AUTO and method != "planner":
+            raise PlanError(
+                f"{flag} auto lets the planner choose each layer's {what}; it needs --method planner (the "
+                f"default), not {method!r}: pass a fraction such as {flag} 0.5 instead"
+            )
     check_spec(spec, opts.data)
     if opts.epochs is not None:
         if opts.epochs < 1:
@@ -184,8 +197,9 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
     outputs = int(model.outputs[0].shape[-1] or 1) if getattr(model, "outputs", None) else None
     check_splits(splits, shape, outputs, splits.task)
     channels = channels_of(spec, opts)
-    if channels:
-        check_pruned_form(model, channels, splits.x_train)
+    if channels:  # auto: the largest share it may choose
+        largest = CHANNEL_FRACTIONS[-1] if channels == PRUNE_AUTO else channels
+        check_pruned_form(model, largest, splits.x_train)
     # Models (float, QAT, two .tflite), C arrays in four copies, the test split, reports and plots.
     need = 64 * model.count_params() + splits.x_test.nbytes + splits.y_test.nbytes + (1 << 20)
     check_space(Path(opts.out), need)
@@ -193,7 +207,7 @@ def train_pipeline(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _si
 
     strategy = strategy_for(opts.distribute)
     trained = train(spec, splits, opts.seed, on_stage, model=model, strategy=strategy)
-    if channels:
+    if channels and channels != PRUNE_AUTO:  # auto: run() chooses the channels at its target
         from edgeq.training import shrink
 
         trained = shrink(spec, trained, channels, opts.seed, on_stage, strategy)
@@ -213,6 +227,81 @@ def settle_target(trained: Trained, opts: RunOptions, on_stage: OnStage = _silen
             f"RAM than the int8 model's arena ({arena:,} B predicted)",
         )
     return replace(opts, target=target)
+
+
+SCREEN_EPOCHS = 5  # --prune-channels auto: fine-tuning epochs of each choice of channels it screens
+
+
+def shrink_auto(
+    trained: Trained,
+    spec: PipelineSpec,
+    opts: RunOptions,
+    target_bits: float,
+    on_stage: OnStage = _silent,
+    *,
+    budget: int | None = None,
+) -> tuple[Trained, float, ChannelChoice]:
+    """--prune-channels auto: the share of each free layer's channels whose plan within the target's flash
+    (or `budget`, as the run's planner counts it) validates best (deploy.channels), the smaller model
+    fine-tuned with its own twin (shrink), and the target that gives it that flash."""
+    from edgeq.distribute import strategy_for
+    from edgeq.prune import free_layers
+    from edgeq.training import shrink
+
+    t = opts.target
+    # dense plans: a choice is validated without --prune auto's masks (the run's own plan may add zeros)
+    settings = planner_settings(t.decode_budget, t.model_ram, opts.keep_dense, t.kernels, t.counts_code)
+    budget = target_budget(trained, target_bits, spec, **settings) if budget is None else int(budget)
+    planned = {p.name for p in trained.posteriors}
+    free = [n for n in free_layers(trained.float_model) if n in planned]
+    shares = ", ".join(f"{f:g}" for f in CHANNEL_FRACTIONS)
+    on_stage(
+        "channels",
+        f"choosing the share of channels ({shares}) {len(free)} layers lose within {budget:,} B (target "
+        f"{target_bits:g}): each choice planned, fine-tuned {SCREEN_EPOCHS} epochs and validated",
+    )
+    choice = choose_channels(
+        trained,
+        free,
+        budget,
+        lambda view, b: plan_layers(view, target_bits, spec, flash_budget=b, **settings),
+        _validation_loss(spec, opts),
+    )
+    if all(trial.flash is None for trial in choice.trials):
+        raise PlanError(
+            f"no choice of channels the walk tried has a plan within {budget:,} B (target {target_bits:g}); "
+            "raise --target-bits"
+        )
+    if not choice.fractions:
+        on_stage("channels", f"every channel kept ({len(choice.trials)} choices validated)")
+        return trained, target_bits, choice
+    small = shrink(spec, trained, choice.fractions, opts.seed, on_stage, strategy_for(opts.distribute))
+    kw = {k: settings[k] for k in ("decode_budget", "keep_dense", "decode_code", "kernels")}
+    target = targets_for_budget(small, spec, budget, fractions=(1.0,), **kw)
+    if not target:
+        raise PlanError(f"the pruned model has no plan within {budget:,} B; pass --prune-channels FRACTION")
+    return small, target[0], choice
+
+
+def _validation_loss(spec: PipelineSpec, opts: RunOptions) -> Callable[[Trained, object], float]:
+    """deploy.channels' Score: a view's float model (a copy) fine-tuned SCREEN_EPOCHS as the float stage
+    trains, its plan's QAT model calibrated (no QAT epochs), the loss on the validation split."""
+    import tf_keras as keras
+
+    from edgeq.training import compile_float, train_float
+
+    short = replace(spec, epochs=min(spec.epochs, SCREEN_EPOCHS))
+
+    def score(view: Trained, planned) -> float:
+        s = view.splits
+        compile_float(view.float_model, short, s)
+        keras.utils.set_random_seed(opts.seed)  # every choice fine-tuned on the same shuffles
+        tuned = train_float(short, s, opts.seed, view.float_model)
+        qat = qat_model(replace(view, float_model=tuned), planned.plan, opts)
+        fine_tune(qat, s, spec, 0)
+        return float(qat.evaluate(s.x_val, s.y_val, batch_size=spec.batch_size, verbose=0)[0])
+
+    return score
 
 
 def check_pruned_form(model, fraction: float, x: np.ndarray) -> None:
@@ -458,5 +547,11 @@ def run(spec: PipelineSpec, opts: RunOptions, on_stage: OnStage = _silent) -> re
     clock = StageClock(on_stage)
     trained = train_pipeline(spec, opts, clock)
     opts = settle_target(trained, opts, clock)
+    choice = None
+    if channels_of(spec, opts) == PRUNE_AUTO:
+        trained, target_bits, choice = shrink_auto(trained, spec, opts, target_bits, clock)
     cand = make_candidate(trained, spec, opts, method, target_bits, spec.qat_epochs, clock)
+    if choice is not None:  # the choice and every alternative validated, in bitplan.json and the report
+        plan = replace(cand.plan, meta={**cand.plan.meta, "channel_choice": choice.to_dict()})
+        cand = replace(cand, plan=plan)
     return deploy(trained, cand, spec, opts, clock)

@@ -108,13 +108,12 @@ def _prune(text: str, flag: str = "--prune") -> float | str | None:
     if text is None:  # --prune-channels not given: the pipeline's
         return None
     word = str(text).strip().lower()
-    if word == PRUNE_AUTO and flag == "--prune":
+    if word == PRUNE_AUTO:
         return PRUNE_AUTO
     try:
         value = 0.0 if word in ("none", "") else float(text)
     except ValueError as e:
-        choices = "e.g. 0.5, auto or none" if flag == "--prune" else "e.g. 0.5, or none"
-        raise EdgeqError(f"{flag} {text!r} is not a fraction; pass {choices}") from e
+        raise EdgeqError(f"{flag} {text!r} is not a fraction; pass e.g. 0.5, auto or none") from e
     fraction = check_prune(value, flag)
     # channels 0 is "none, whatever the pipeline says"; None would mean "the pipeline's"
     return 0.0 if fraction is None and flag == "--prune-channels" else fraction
@@ -308,8 +307,10 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         default=None,
         help="structured pruning: remove this fraction of each hidden layer's output channels after the "
         "twin trains, the least informative (mean |mu|/sigma) first, with the inputs that fed on them; the "
-        "smaller model is fine-tuned and gets its own twin (Sequential models; default: the pipeline's, "
-        "none for a --model file; pipelines/digits.py removes 0.5; none turns it off)",
+        "smaller model is fine-tuned and gets its own twin (default: the pipeline's, none for a --model "
+        "file; pipelines/digits.py removes 0.5; none turns it off); auto: the planner chooses each layer's "
+        "share (0, 0.25, 0.5 or 0.75) with its bits, pricing the removed weights' uncertainty against "
+        "the bits their bytes buy within the unpruned model's flash at the target (one run, planner)",
     )
     r.add_argument(
         "--kernels",

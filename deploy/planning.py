@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -443,36 +444,17 @@ def plan_layers(
     """
     by_family = family_shapes(trained, decode_budget, keep_dense, kernels, shapes)
     shapes = by_family["lut"]
-    lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
-    if lo > hi:
-        raise PlanError(f"min_bits {spec.min_bits} > max_bits {spec.max_bits}: no bit width to plan")
-    pins = {n: int(b) for n, b in (spec.pin or {}).items()}
-    bad = {n: b for n, b in pins.items() if b not in QAT_BITS}
-    if bad:
-        raise PlanError(f"pinned bits {bad}: quantization-aware training takes 2..8 bits")
-    planned = [p.name for p in trained.posteriors]
-    allowed = {n: [pins[n]] if n in pins else list(range(lo, hi + 1)) for n in planned}
+    lo, hi, allowed, uniform_bits = _bit_choices(trained, spec)
+    planned = list(allowed)
     pricing = _pricing(trained, by_family, sorted({b for bs in allowed.values() for b in bs}), decode_code)
     exact, code = pricing.exact, pricing.code
     fixed = list(pricing.fixed["lut"])  # no posterior (depthwise): QAT keeps 8 bits
     sizes = {p.name: p.size for p in trained.posteriors}
 
-    def uniform_bits(b: int) -> dict[str, int]:
-        return {n: pins.get(n, min(max(b, lo), hi)) for n in planned}
-
-    uniform = None
-    if flash_budget is None and target_bits < lo:  # below the smallest uniform plan: its flash, scaled
-        f_lo = exact(uniform_bits(lo))
-        budget = int(math.floor((f_lo.flash + code(f_lo)) * target_bits / lo))
-    elif flash_budget is None:
-        fl, ce = math.floor(target_bits), math.ceil(target_bits)
-        f_lo = exact(uniform_bits(fl))
-        f_hi = f_lo if ce == fl else exact(uniform_bits(ce))
-        lo_b, hi_b = f_lo.flash + code(f_lo), f_hi.flash + code(f_hi)
-        budget = int(math.floor(lo_b + (target_bits - fl) * (hi_b - lo_b)))
-        uniform = f_lo if ce == fl else None
+    if flash_budget is None:
+        budget, uniform = _target_budget(pricing, uniform_bits, target_bits, lo)
     else:
-        budget = int(flash_budget)
+        budget, uniform = int(flash_budget), None
     margin = _margin(budget)
     target_uniform = uniform_bits(int(target_bits)) if float(target_bits).is_integer() else None
 
@@ -585,6 +567,61 @@ def plan_layers(
         "fixed_8_bit_layers": fixed,
     }
     return Planned(plan.to_bitplan("planner", meta=meta), pred, budget, uniform)
+
+
+def _target_budget(
+    pricing: _Pricing, uniform_bits: Callable[[int], dict[str, int]], target_bits: float, lo: int
+) -> tuple[int, Prediction | None]:
+    """The flash a target buys: the uniform plans' flash (decoder code counted) interpolated between the
+    bits around it, or below the smallest uniform plan its flash scaled; and the uniform plan at an
+    integer target."""
+    exact, code = pricing.exact, pricing.code
+    if target_bits < lo:
+        f_lo = exact(uniform_bits(lo))
+        return int(math.floor((f_lo.flash + code(f_lo)) * target_bits / lo)), None
+    fl, ce = math.floor(target_bits), math.ceil(target_bits)
+    f_lo = exact(uniform_bits(fl))
+    f_hi = f_lo if ce == fl else exact(uniform_bits(ce))
+    lo_b, hi_b = f_lo.flash + code(f_lo), f_hi.flash + code(f_hi)
+    return int(math.floor(lo_b + (target_bits - fl) * (hi_b - lo_b))), f_lo if ce == fl else None
+
+
+def target_budget(
+    trained: Trained,
+    target_bits: float,
+    spec: PipelineSpec,
+    *,
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    keep_dense: bool = True,
+    decode_code: int = 0,
+    kernels: str = "reference",
+    **_: Any,
+) -> int:
+    """The flash budget plan_layers gives target_bits (planner_settings' keywords; the others ignored)."""
+    by_family = family_shapes(trained, decode_budget, keep_dense, kernels)
+    lo, _, allowed, uniform_bits = _bit_choices(trained, spec)
+    pricing = _pricing(trained, by_family, sorted({b for bs in allowed.values() for b in bs}), decode_code)
+    return _target_budget(pricing, uniform_bits, target_bits, lo)[0]
+
+
+def _bit_choices(
+    trained: Trained, spec: PipelineSpec
+) -> tuple[int, int, dict[str, list[int]], Callable[[int], dict[str, int]]]:
+    """(lowest bits, highest bits, each planned layer's bit widths (pinned: its one), the uniform plan)."""
+    lo, hi = max(2, spec.min_bits), min(8, spec.max_bits)
+    if lo > hi:
+        raise PlanError(f"min_bits {spec.min_bits} > max_bits {spec.max_bits}: no bit width to plan")
+    pins = {n: int(b) for n, b in (spec.pin or {}).items()}
+    bad = {n: b for n, b in pins.items() if b not in QAT_BITS}
+    if bad:
+        raise PlanError(f"pinned bits {bad}: quantization-aware training takes 2..8 bits")
+    planned = [p.name for p in trained.posteriors]
+    allowed = {n: [pins[n]] if n in pins else list(range(lo, hi + 1)) for n in planned}
+
+    def uniform_bits(b: int) -> dict[str, int]:
+        return {n: pins.get(n, min(max(b, lo), hi)) for n in planned}
+
+    return lo, hi, allowed, uniform_bits
 
 
 def _mixed_plan(
@@ -881,6 +918,29 @@ def targets_for_ram(
     return sorted({round(min(hi + s, top), 4) for s in steps})
 
 
+def planner_settings(
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    ram_budget: int | None = None,
+    keep_dense: bool = True,
+    kernels: str = "reference",
+    count_code: bool = True,
+    zeros: bool = False,
+) -> dict:
+    """plan_layers' keywords for the run's export settings: decode budget, Dense form, arena budget, the
+    kernel set (what is sliced and buffered, whose DECODE code a LUT plan pays) and whether the budget
+    counts that code (False: a model-file budget)."""
+    from deploy.firmware.code_size import decode_code_bytes
+
+    return {
+        "ram_budget": ram_budget,
+        "decode_budget": decode_budget,
+        "keep_dense": keep_dense,
+        "decode_code": decode_code_bytes(kernels) if count_code else 0,
+        "kernels": kernels,
+        "zeros": zeros,
+    }
+
+
 def planner_allocator(
     decode_budget: int | None = DEFAULT_DECODE_BUDGET,
     ram_budget: int | None = None,
@@ -889,23 +949,11 @@ def planner_allocator(
     count_code: bool = True,
     zeros: bool = False,
 ) -> Allocator:
-    """The planner as an Allocator for the run's export settings: decode budget, Dense form, arena budget,
-    the kernel set (what is sliced and buffered, whose DECODE code a LUT plan pays) and whether the budget
-    counts that code (False: a model-file budget)."""
-    from deploy.firmware.code_size import decode_code_bytes
+    """The planner as an Allocator for the run's export settings (planner_settings)."""
+    settings = planner_settings(decode_budget, ram_budget, keep_dense, kernels, count_code, zeros)
 
     def allocate(trained: Trained, target_bits: float, spec: PipelineSpec, seed: int) -> BitPlan:
-        return plan_layers(
-            trained,
-            target_bits,
-            spec,
-            ram_budget=ram_budget,
-            decode_budget=decode_budget,
-            keep_dense=keep_dense,
-            decode_code=decode_code_bytes(kernels) if count_code else 0,
-            kernels=kernels,
-            zeros=zeros,
-        ).plan
+        return plan_layers(trained, target_bits, spec, **settings).plan
 
     return Allocator("planner", allocate, "uncertainty x bytes planner (int4/LUT)", "*")
 

@@ -157,16 +157,19 @@ def kept_count(channels: int, fraction: float) -> int:
 
 
 def channel_plan(
-    posteriors: list[LayerPosterior], fraction: float, *, skip: tuple[str, ...] = ()
+    posteriors: list[LayerPosterior], fraction: float | Mapping[str, float], *, skip: tuple[str, ...] = ()
 ) -> ChannelPlan:
-    """Keep the (1 - fraction) most informative output channels (last kernel axis) of each layer."""
-    _check_sparsity(fraction)
+    """Keep the (1 - fraction) most informative output channels (last kernel axis) of each layer; a
+    mapping gives each layer its own fraction (a layer it does not name keeps all its channels)."""
+    fractions = dict(fraction) if isinstance(fraction, Mapping) else {p.name: fraction for p in posteriors}
+    for f in fractions.values():
+        _check_sparsity(f)
     keep = {}
     for p in posteriors:
-        if p.name in skip:
+        if p.name in skip or p.name not in fractions:
             continue
         info = (np.abs(p.mu) / p.sigma).reshape(-1, p.mu.shape[-1]).mean(0)
-        keep[p.name] = np.sort(np.argsort(-info)[: kept_count(info.size, fraction)])
+        keep[p.name] = np.sort(np.argsort(-info)[: kept_count(info.size, fractions[p.name])])
     return ChannelPlan(keep, {p.name: int(p.mu.shape[-1]) for p in posteriors if p.name in keep})
 
 
@@ -306,37 +309,70 @@ def trial_prune(model: keras.Model, fraction: float) -> keras.Model:
         ) from e
 
 
-def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
-    """A smaller copy of the model (Sequential or functional) without the dropped output channels and the
-    inputs that fed on them; layers whose channels a merge ties (channel_ties) must keep them all."""
+def _channel_cuts(model: keras.Model, plan: ChannelPlan) -> dict[str, tuple]:
+    """Per layer the plan changes: (the rows of its kernel that stay, the output channels that stay; None:
+    all). A pass-through layer's rows are its per-channel weights' (BatchNormalization) channels."""
     ties = check_channel_prunable(model)
     if tied := [n for n in plan.keep if n in ties]:
         raise PruningError(f"layer {tied[0]!r} cannot lose channels: {ties[tied[0]]}")
     keep_out: dict[str, np.ndarray | None] = {}  # layer -> the channels of its output that stay (None: all)
     flat: dict[str, int | None] = {}  # layer -> channels per position, where its output is a flattened map
-    weights: dict[str, list[np.ndarray]] = {}  # layer -> its weights in the smaller model
+    cuts: dict[str, tuple] = {}
     for lyr in model.layers:
         src = next(iter(_inbound(lyr)), None)
         k_in = keep_out.get(src.name) if src is not None else None
         f_in = flat.get(src.name) if src is not None else None
-        w = weights[lyr.name] = lyr.get_weights()
         keep_out[lyr.name], flat[lyr.name] = None, None
         if _reads_channels(lyr):
-            kernel, rest = w[0], w[1:]
+            rows = k_in
             if k_in is not None and f_in is not None:  # a Dense reading a flattened map: rows by position
-                kernel = kernel[np.arange(kernel.shape[0]).reshape(-1, f_in)[:, k_in].ravel()]
-            elif k_in is not None:
-                kernel = np.take(kernel, k_in, axis=-2)
+                n_rows = int(lyr.kernel.shape[0])
+                rows = np.arange(n_rows).reshape(-1, f_in)[:, k_in].ravel()
             keep = plan.keep.get(lyr.name)
-            if keep is not None:
-                kernel, rest = kernel[..., keep], [b[keep] for b in rest]
-            weights[lyr.name], keep_out[lyr.name] = [kernel, *rest], keep
+            keep_out[lyr.name] = keep
+            if rows is not None or keep is not None:
+                cuts[lyr.name] = (rows, keep)
         elif isinstance(lyr, keras.layers.Flatten) and k_in is not None:
             keep_out[lyr.name], flat[lyr.name] = k_in, int(lyr.input_shape[-1])
         elif isinstance(lyr, _PASS_THROUGH) and k_in is not None:
-            weights[lyr.name] = [v[k_in] for v in w]  # BatchNormalization: one value per channel
+            cuts[lyr.name] = (k_in, None)
             keep_out[lyr.name], flat[lyr.name] = k_in, f_in
         # anything else reads only channels that stay: channel_ties ties its producers
+    return cuts
+
+
+def _cut(kernel: np.ndarray, rows: np.ndarray | None, keep: np.ndarray | None) -> np.ndarray:
+    """A kernel (input channels on axis -2, output channels last) without the cut rows and channels."""
+    if rows is not None:
+        kernel = np.take(kernel, rows, axis=-2)
+    return kernel if keep is None else kernel[..., keep]
+
+
+def prune_posteriors(
+    model: keras.Model, posteriors: list[LayerPosterior], plan: ChannelPlan
+) -> tuple[LayerPosterior, ...]:
+    """The posteriors of prune_channels(model, plan): each kernel's mu and sigma cut as its weights are."""
+    cuts = _channel_cuts(model, plan)
+    out = []
+    for p in posteriors:
+        rows, keep = cuts.get(p.name, (None, None))
+        out.append(LayerPosterior(p.name, _cut(p.mu, rows, keep), _cut(p.sigma, rows, keep)))
+    return tuple(out)
+
+
+def prune_channels(model: keras.Model, plan: ChannelPlan) -> keras.Model:
+    """A smaller copy of the model (Sequential or functional) without the dropped output channels and the
+    inputs that fed on them; layers whose channels a merge ties (channel_ties) must keep them all."""
+    cuts = _channel_cuts(model, plan)
+    weights = {}  # layer -> its weights in the smaller model
+    for lyr in model.layers:
+        w = lyr.get_weights()
+        rows, keep = cuts.get(lyr.name, (None, None))
+        if _reads_channels(lyr):
+            w = [_cut(w[0], rows, keep), *(w[1:] if keep is None else [b[keep] for b in w[1:]])]
+        elif rows is not None:
+            w = [v[rows] for v in w]  # BatchNormalization: one value per channel
+        weights[lyr.name] = w
 
     def smaller(layer):
         cfg = layer.get_config()

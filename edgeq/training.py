@@ -153,18 +153,18 @@ def train(
 def shrink(
     spec: PipelineSpec,
     trained: Trained,
-    fraction: float,
+    fraction: float | Mapping[str, float],
     seed: int,
     on_stage: OnStage = _silent,
     strategy=None,
     *,
     epochs: int | None = None,
 ) -> Trained:
-    """Structured pruning: each hidden weight layer loses the `fraction` of its output channels with the
-    lowest mean informativeness (|mu|/sigma over the channel's weights), its consumers the inputs that fed
-    on them; layers whose channels a residual add ties keep them all. The smaller float model is
-    fine-tuned from the kept weights (`epochs`, default spec.epochs, as the float stage trains: its
-    augmentation and learning-rate schedule) and gets its own twin."""
+    """Structured pruning: each hidden weight layer loses the `fraction` (a mapping: each named layer its
+    own) of its output channels with the lowest mean informativeness (|mu|/sigma over the channel's
+    weights), its consumers the inputs that fed on them; layers whose channels a residual add ties keep
+    them all. The smaller float model is fine-tuned from the kept weights (`epochs`, default spec.epochs,
+    as the float stage trains: its augmentation and learning-rate schedule) and gets its own twin."""
     import tf_keras as keras
 
     from edgeq.prune import channel_plan, channel_ties, channel_totals, free_layers, prune_channels
@@ -190,6 +190,28 @@ def shrink(
     )
     smaller = train(tuned, trained.splits, seed, _silent, strategy, model=small)
     return replace(smaller, channels=kept, unpruned_sizes=dict(trained.sizes))
+
+
+def pruned_view(trained: Trained, fractions: Mapping[str, float]) -> Trained:
+    """The twin as if each named layer had lost that fraction of its channels, without any training: the
+    float and det models and the posteriors cut as shrink would cut them. What the planner prices a choice
+    of channels on (deploy.channels) before the one it keeps is fine-tuned for real."""
+    from edgeq.layers import weight_layers
+    from edgeq.prune import channel_plan, prune_channels, prune_posteriors
+
+    plan = channel_plan(list(trained.posteriors), fractions)
+    small = prune_channels(trained.float_model, plan)
+    sizes = weight_layers(small)
+    return replace(
+        trained,
+        float_model=small,
+        bnn=None,
+        det=prune_channels(trained.det, plan),
+        posteriors=prune_posteriors(trained.float_model, list(trained.posteriors), plan),
+        sizes=sizes,
+        channels=plan.kept(),
+        unpruned_sizes=dict(trained.sizes),
+    )
 
 
 def fine_tune(qat, splits: Splits, spec: PipelineSpec, epochs: int, callbacks: Sequence = ()) -> None:

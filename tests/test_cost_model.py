@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from deploy.app import RunOptions, make_candidate, train_pipeline
+from deploy.app import RunOptions, make_candidate, shrink_auto, train_pipeline
+from deploy.channels import information
 from deploy.export import ExportOptions, export
 from deploy.export.slicing import layer_name
 from deploy.firmware.code_size import decode_code_bytes
@@ -25,6 +27,7 @@ from deploy.planning import (
     check_exported,
     layer_grids,
     plan_layers,
+    planner_settings,
     reference_shapes,
     stored_layers,
 )
@@ -40,7 +43,8 @@ from edgeq.optimize import prepare_qat
 from edgeq.pipeline import load_pipeline
 from edgeq.plan import BitPlan
 from edgeq.planner import STORAGE_BITS, model_options
-from edgeq.training import fine_tune
+from edgeq.prune import channel_plan, kept_count
+from edgeq.training import fine_tune, pruned_view
 
 ROOT = Path(__file__).resolve().parents[1]
 FLASH_TOL = 0.01  # of the file, or 64 B: the issue's target
@@ -275,3 +279,49 @@ def test_the_per_layer_storage_is_the_planners_to_choose(digits):
         lut.build_mixed(b"", ())
     with pytest.raises(ValueError, match="lut_layers"):
         predict_storage(shapes, {n: 4 for n in trained.sizes}, "int4+lut")
+
+
+def test_a_pruned_view_costs_the_removed_weights_of_the_layer_and_its_consumer(digits):
+    _, _, trained, _ = digits
+    assert trained.channels == {}  # the full net
+    view = pruned_view(trained, {"conv1": 0.25})
+    post = {p.name: p for p in trained.posteriors}
+    keep = channel_plan(list(trained.posteriors), {"conv1": 0.25}).keep["conv1"]
+    gone = np.setdiff1d(np.arange(16), keep)
+    assert gone.size == 4 and view.channels == {"conv1": (12, 16)}
+    sq = {n: np.square(p.mu / p.sigma) for n, p in post.items()}
+    # conv1's dropped filters and conv2's input rows that read them (HWIO)
+    expect = sq["conv1"][..., gone].sum() + sq["conv2"][:, :, gone, :].sum()
+    assert information(trained.posteriors) - information(view.posteriors) == pytest.approx(expect, rel=1e-9)
+    shapes = {p.name: p.mu.shape for p in view.posteriors}
+    assert shapes["conv1"][-1] == 12 and shapes["conv2"][2] == 12 and shapes["fc1"] == post["fc1"].mu.shape
+    assert view.sizes["conv2"] == 3 * 3 * 12 * 32 and view.float_model.get_layer("conv1").filters == 12
+
+
+def test_channels_auto_keeps_the_choice_that_validates_best_within_the_unpruned_budget(digits):
+    """--prune-channels auto (shrink_auto): every choice planned within the full net's budget at the
+    target and validated; the best one fine-tuned with its own twin and planned within that budget."""
+    spec, opts, trained, _ = digits
+    opts = replace(opts, prune_channels="auto")
+    t = opts.target
+    settings = planner_settings(t.decode_budget, t.model_ram, opts.keep_dense, t.kernels, t.counts_code)
+    small, target, choice = shrink_auto(trained, spec, opts, 3.0)
+    assert choice.budget == plan_layers(trained, 3.0, spec, **settings).budget
+    trials = choice.trials
+    assert trials[0].fractions == {"conv1": 0.0, "conv2": 0.0, "fc1": 0.0} and trials[0].removed_cost == 0
+    assert len(trials) >= 4  # the start and one step for each free layer, at least
+    fitting = [t for t in trials if t.flash is not None]
+    assert all(t.flash <= choice.budget for t in fitting) and all(np.isfinite(t.val_loss) for t in fitting)
+    best = min(trials, key=lambda t: t.val_loss)
+    assert choice.fractions == {n: f for n, f in best.fractions.items() if f}
+    one = {t.fractions["fc1"]: t for t in trials[:4] if not t.fractions["conv1"] + t.fractions["conv2"]}
+    # what fc1's removed channels free buys bits: the smaller model's plan costs less on what stays
+    assert one[0.25].plan_cost < one[0.0].plan_cost and one[0.25].mean_bits > one[0.0].mean_bits
+    assert one[0.25].removed_cost > 0 and trained.float_model.get_layer("fc1").units == 64  # copies tuned
+    if not choice.fractions:
+        assert small is trained and target == 3.0
+        return
+    had = {n: int(trained.float_model.get_layer(n).get_weights()[0].shape[-1]) for n in choice.fractions}
+    assert small.channels == {n: (kept_count(had[n], f), had[n]) for n, f in choice.fractions.items()}
+    assert small.bnn is not None and target > 3.0  # its own twin; the channels' bytes went to bits
+    assert plan_layers(small, target, spec, **settings).budget <= choice.budget

@@ -159,7 +159,7 @@ def test_prune_in_the_run_zeroes_each_layer_and_tries_the_sparse_storages(pruned
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("--prune", v) for v in ("1", "1.5", "-0.1", "half", "nan")]
-    + [("--prune-channels", v) for v in ("1", "-0.5", "most", "auto")],
+    + [("--prune-channels", v) for v in ("1", "-0.5", "most", "half")],
 )
 def test_prune_fraction_outside_0_1_is_refused_before_training(tmp_path, capfd, flag, value):
     from pathlib import Path
@@ -227,17 +227,42 @@ def _tiny_sequential():
     )
 
 
-def test_prune_auto_needs_the_planner(tmp_path, capfd):
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--prune", "auto", "--method", "qiu"], ["--prune auto", "--method planner"]),
+        (["--prune-channels", "auto", "--method", "rb"], ["--prune-channels auto", "--method planner"]),
+        (["--prune-channels", "auto", "--flash-budget", "8KB"], ["--prune-channels auto", "search"]),
+    ],
+)
+def test_auto_needs_the_planner_and_one_target(tmp_path, capfd, flags, says):
     from pathlib import Path
 
     from deploy.cli import main
 
     out = tmp_path / "out"
     pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
-    assert main(["run", str(pipeline), "--prune", "auto", "--method", "qiu", "--out", str(out)]) == 2
+    assert main(["run", str(pipeline), *flags, "--out", str(out)]) == 2
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("edgeq:")]
-    assert len(err) == 1 and "--prune auto" in err[0] and "--method planner" in err[0], err
+    assert len(err) == 1 and all(w in err[0] for w in says), err
     assert not out.exists()
+
+
+def test_prune_posteriors_cut_mu_and_sigma_as_prune_channels_cuts_the_weights(tiny_keras, posts):
+    fractions = {"conv1": 0.5, "fc1": 0.25}
+    plan = prune.channel_plan(posts, fractions)
+    assert plan.kept() == {"conv1": (4, 8), "fc1": (24, 32)}  # fc2 not named: all its channels stay
+    small = prune.prune_channels(tiny_keras, plan)
+    cut = {p.name: p for p in prune.prune_posteriors(tiny_keras, posts, plan)}
+    for name in ("conv1", "fc1", "fc2"):
+        assert cut[name].mu.shape == cut[name].sigma.shape == small.get_layer(name).kernel.shape
+    post = {p.name: p for p in posts}
+    keep1, keep2 = plan.keep["conv1"], plan.keep["fc1"]
+    # fc1 reads conv1 flattened (6x6 positions x 8 channels): its rows of the kept channels stay, in order
+    rows = np.arange(6 * 6 * 8).reshape(36, 8)[:, keep1].ravel()
+    np.testing.assert_array_equal(cut["fc1"].sigma, post["fc1"].sigma[rows][:, keep2])
+    np.testing.assert_array_equal(cut["fc2"].mu, post["fc2"].mu[keep2])
+    np.testing.assert_array_equal(cut["conv1"].mu, post["conv1"].mu[..., keep1])
 
 
 def test_the_pipeline_sets_the_default_share_of_channels_and_the_flag_overrides_it(tmp_path):
@@ -320,3 +345,31 @@ def test_resnet8_prunes_the_first_conv_of_each_block(tmp_path, digits):
     model = resnet8((8, 8, 1), 10)
     assert prune.free_layers(model) == ["s1b1_a_conv", "s2b1_a_conv", "s3b1_a_conv"]
     check_pruned_form(model, 0.25, digits[0][:4])  # rebuilds and converts: nothing raised
+
+
+@pytest.mark.slow
+def test_prune_channels_auto_in_the_run_reports_every_choice_it_validated(tmp_path):
+    """`edgeq run pipelines/digits.py --prune-channels auto --target-bits 2.5 --epochs 2`: the walk's
+    choice is the one the run deploys, its trials in bitplan.json and report.md (the fast tests of
+    shrink_auto are in test_cost_model)."""
+    import json
+    from pathlib import Path
+
+    from deploy.cli import main
+
+    out = tmp_path / "auto"
+    pipeline = Path(__file__).resolve().parents[1] / "pipelines" / "digits.py"
+    argv = ["run", str(pipeline), "--prune-channels", "auto", "--target-bits", "2.5", "--epochs", "2"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    choice = json.loads((out / "bitplan.json").read_text())["meta"]["channel_choice"]
+    best = min((t for t in choice["trials"] if t["val_loss"] is not None), key=lambda t: t["val_loss"])
+    assert choice["fractions"] == {n: f for n, f in best["fractions"].items() if f}
+    rep = json.loads((out / "report.json").read_text())
+    pr = rep.get("pruning") or {"channels": []}
+    kept = {c["name"]: (c["channels_kept"], c["channels"]) for c in pr["channels"] if c["name"] != "fc2"}
+    assert kept == {n: (prune.kept_count(c, choice["fractions"][n]), c) for n, (_, c) in kept.items()}
+    assert set(kept) == set(choice["fractions"])
+    md = (out / "report.md").read_text()
+    if choice["fractions"]:
+        assert "the planner's choice" in md and md.count("| ") > len(choice["trials"])
+    assert rep["models"]["deployed"]["flash_bytes"] <= choice["flash_budget"]

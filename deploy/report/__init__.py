@@ -188,12 +188,29 @@ def _pruning_section(f: RunFacts) -> dict:
         "channels_removed": removed,
         "channels_total": total,
         "policy": policy,
-        "channels_policy": "structured: each hidden layer's least informative output channels (mean "
-        "|mu|/sigma) removed with the inputs that fed on them, the smaller model fine-tuned, its own twin",
+        "channels_policy": _channels_policy(plan),
+        "channel_choice": plan.meta.get("channel_choice"),  # --prune-channels auto: every choice tried
         "storage": f.candidate.exported.deployed.kind,
         "layers": layers,
         "channels": channels,
     }
+
+
+def _channels_policy(plan) -> str:
+    """How the run chose the channels it removed (a fixed share, or --prune-channels auto's walk)."""
+    what = (
+        "output channels (mean |mu|/sigma) removed with the inputs that fed on them, the smaller model "
+        "fine-tuned, its own twin"
+    )
+    choice = plan.meta.get("channel_choice")
+    if not choice:
+        return f"structured: each hidden layer's least informative {what}"
+    steps = ", ".join(f"{f:g}" for f in choice["steps"])
+    return (
+        f"structured, the planner's choice: per layer a share ({steps}) of its least informative {what}; "
+        f"{len(choice['trials'])} choices each planned within the unpruned model's "
+        f"{choice['flash_budget']:,} B, fine-tuned briefly and kept by validation loss"
+    )
 
 
 def _jsonable(v):

@@ -174,6 +174,20 @@ def _pruning(body) -> list[str]:
             for c in pr["channels"]
         ]
         lines.append("")
+    if choice := pr.get("channel_choice"):
+        lines += [
+            "The choices of channels the planner validated (shares removed; each with its own plan):",
+            "",
+            "| shares removed | plan flash B | mean bits | validation loss | removed (mu/sigma)^2 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for t in choice["trials"]:
+            shares = ", ".join(f"{n} {f:g}" for n, f in t["fractions"].items() if f) or "none"
+            flash = "no plan fits" if t["flash_bytes"] is None else f"{t['flash_bytes']:,}"
+            bits = "" if t["mean_bits"] is None else f"{t['mean_bits']:.2f}"
+            loss = "" if t["val_loss"] is None else f"{t['val_loss']:.4f}"
+            lines.append(f"| {shares} | {flash} | {bits} | {loss} | {t['removed_cost']:,.0f} |")
+        lines.append("")
     lines += [
         f"{pr['policy']}"
         + ("; kept at zero through QAT" if pr["fraction"] else "")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 from deploy.app import (
+    PRUNE_AUTO,
     Candidate,
     RunOptions,
     StageClock,
     allocate_for,
+    channels_of,
     deploy,
     make_candidate,
     plan_key,
@@ -217,6 +219,11 @@ def sweep(
 
     for m in methods:
         check_method(m)
+    if channels_of(spec, opts) == PRUNE_AUTO:
+        raise PlanError(
+            "--prune-channels auto chooses the channels for one target, a search screens many: pass a "
+            "fraction such as --prune-channels 0.5, or run without the search"
+        )
     # A named executor is built (Ray checked and reached) before any training.
     executor = make_executor(executor, workers=workers) if isinstance(executor, str) else executor
     spec, _, _ = prepare(spec, opts)

@@ -1,0 +1,137 @@
+"""`--prune-channels auto`: each layer's share of output channels removed, chosen with the byte planner
+(issue 18).
+
+At one flash budget (the unpruned model's at the target), every choice of channels gets its own bit plan
+from the planner: the bytes removed channels free buy bits elsewhere. Which choice is best is measured,
+not priced: removing a channel costs its weights' (mu / sigma)^2 in the twin's uncertainty, which on the
+digits twin is 10-30x what the bits it buys save, yet a fine-tuned smaller model loses no accuracy
+(benchmarks/results/digits_targets.md). So each choice's smaller float model is fine-tuned for a few
+epochs and its plan's QAT model, calibrated, scored by its validation loss (`Score`, the run's). A greedy
+walk raises one layer's share a step (CHANNEL_FRACTIONS) at a time, the step that lowers that loss most,
+until no step lowers it; while no plan fits the budget yet, the step that leaves the fewest weights. The
+removed weights' uncertainty is kept beside each trial, for the record.
+
+Every choice is planned on the twin as it is (edgeq.training.pruned_view: no new twin). The run then
+fine-tunes the chosen smaller model for as long as the float stage trains and trains its twin, as a fixed
+--prune-channels does (edgeq.training.shrink), and plans it within the same budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from deploy.planning import Planned
+from edgeq.errors import PlanError
+from edgeq.posterior import LayerPosterior
+from edgeq.training import Trained
+
+CHANNEL_FRACTIONS = (0.0, 0.25, 0.5, 0.75)  # the shares of a layer's output channels the walk may remove
+
+# (twin, flash budget) -> the planner's plan for it within the budget, in the run's settings
+PlanAt = Callable[[Trained, int], Planned]
+# (a pruned view, its plan) -> the validation loss of that plan on the view's fine-tuned model (lower: better)
+Score = Callable[[Trained, Planned], float]
+
+
+@dataclass(frozen=True)
+class ChannelTrial:
+    """One choice of channels the walk priced: the plan the planner found for it within the budget."""
+
+    fractions: Mapping[str, float]  # layer -> share of its output channels removed (0: none)
+    flash: int | None  # the plan's predicted flash, as the budget counts it (None: no plan fits)
+    mean_bits: float | None
+    val_loss: float  # the Score (inf: no plan fits)
+    plan_cost: float  # the plan's uncertainty cost on the weights that stay
+    removed_cost: float  # sum of (mu / sigma)^2 over the weights the channels take with them
+    weights: int  # the quantizable layers' weights that stay
+
+    def to_dict(self) -> dict:
+        return {
+            "fractions": dict(self.fractions),
+            "flash_bytes": self.flash,
+            "mean_bits": self.mean_bits,
+            "val_loss": self.val_loss if np.isfinite(self.val_loss) else None,
+            "plan_cost": self.plan_cost if np.isfinite(self.plan_cost) else None,
+            "removed_cost": self.removed_cost,
+            "weights": self.weights,
+        }
+
+
+@dataclass(frozen=True)
+class ChannelChoice:
+    """The walk's result: the shares chosen (layers that lose none left out), the budget, every trial."""
+
+    fractions: Mapping[str, float]
+    budget: int
+    trials: tuple[ChannelTrial, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "fractions": dict(self.fractions),
+            "flash_budget": self.budget,
+            "steps": list(CHANNEL_FRACTIONS),
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+
+def information(posteriors: Sequence[LayerPosterior]) -> float:
+    """sum of (mu / sigma)^2 over every weight: what setting them all to 0 would cost."""
+    return float(sum(np.sum(np.square(p.mu / p.sigma)) for p in posteriors))
+
+
+def choose_channels(
+    trained: Trained,
+    free: Sequence[str],
+    budget: int,
+    plan_at: PlanAt,
+    score: Score,
+    on_trial: Callable[[ChannelTrial], None] | None = None,
+) -> ChannelChoice:
+    """The shares of `free` layers' channels (each one of CHANNEL_FRACTIONS) whose plan within `budget` has
+    the least validation loss (see the module doc); every choice tried, in order, in .trials."""
+    from edgeq.training import pruned_view
+
+    whole = information(trained.posteriors)
+
+    def trial(fractions: Mapping[str, float]) -> ChannelTrial:
+        view = pruned_view(trained, {n: f for n, f in fractions.items() if f})  # {}: an unpruned copy
+        removed, weights = whole - information(view.posteriors), sum(view.sizes.values())
+        try:
+            planned = plan_at(view, budget)
+        except PlanError:
+            t = ChannelTrial(dict(fractions), None, None, np.inf, np.inf, removed, weights)
+        else:
+            info = planned.plan.meta["planner"]
+            flash = planned.prediction.flash + int(planned.plan.meta.get("decode_code_bytes", 0))
+            loss = float(score(view, planned))
+            bits, cost = float(info["mean_bits"]), float(info["cost"])
+            t = ChannelTrial(dict(fractions), flash, bits, loss, cost, removed, weights)
+        trials.append(t)
+        if on_trial:
+            on_trial(t)
+        return t
+
+    trials: list[ChannelTrial] = []
+    best = trial({n: 0.0 for n in free})
+    while True:
+        steps = [
+            {**best.fractions, n: CHANNEL_FRACTIONS[CHANNEL_FRACTIONS.index(f) + 1]}
+            for n, f in best.fractions.items()
+            if f != CHANNEL_FRACTIONS[-1]
+        ]
+        tried = [trial(f) for f in steps]
+        fitting = [t for t in tried if t.flash is not None]
+        if fitting:
+            step = min(fitting, key=lambda t: t.val_loss)
+            if not step.val_loss < best.val_loss:
+                break
+        elif tried and best.flash is None:  # nothing fits yet: toward fewer weights, where plans fit
+            step = min(tried, key=lambda t: t.weights)
+        else:
+            break
+        best = step
+    chosen = {n: f for n, f in best.fractions.items() if f}
+    return ChannelChoice(chosen, budget, tuple(trials))
