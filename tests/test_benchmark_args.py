@@ -35,6 +35,7 @@ def test_bad_list_names_the_text(parse, text: str) -> None:
         ("lenet5_front.py", "--cmsis-ram-targets", "3,y", ["--data", "/no/such.npz"], "numbers like 2.5,3"),
         ("lenet5_prune.py", "--prune", "auto,zz", ["--data", "/no/such.npz"], "numbers like 2.5,3 or auto"),
         ("lowbit_qat.py", "--bits", "2,x", [], "whole numbers like 8,4,3"),
+        ("digits_channels.py", "--fixed", "0.5,half", [], "numbers like 2.5,3"),
     ],
 )
 def test_benchmark_refuses_a_bad_list_before_any_work(
@@ -79,3 +80,12 @@ def test_resnet8_pruned_only_needs_a_prune_fraction() -> None:
         r.stderr.strip().splitlines()[-1]
         == "error: --pruned-only needs --prune-channels F (the fraction to prune)"
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"), [(["--fixed", "0.5,1"], "--fixed 1"), (["--budget", "80"], "--budget 80")]
+)
+def test_digits_channels_refuses_bad_shares_and_budgets_before_training(flags: list, says: str) -> None:
+    script = ROOT / "benchmarks" / "digits_channels.py"
+    r = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {says}")
