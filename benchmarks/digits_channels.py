@@ -134,6 +134,8 @@ def _bytes(v: list[int]) -> str:
 
 
 def markdown(res: dict) -> str:
+    from deploy.report.markdown import channel_choice_lines
+
     lines = [
         "# Digits: `--prune-channels auto` within one flash budget, beside fixed shares and peers (issue 18)",
         "",
@@ -176,19 +178,8 @@ def markdown(res: dict) -> str:
         if r.get("run") != "auto":
             continue
         c = r["choice"]
-        lines += [
-            f"Seed {r['seed']} ({len(c['trials'])} choices, {r['choice_seconds']:.0f} s):",
-            "",
-            "| shares removed | plan flash B | mean bits | val. loss | removed (mu/sigma)^2 | plan cost |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for t in c["trials"]:
-            shares = ", ".join(f"{n} {f:g}" for n, f in t["fractions"].items() if f) or "none"
-            flash = "no plan" if t["flash_bytes"] is None else f"{t['flash_bytes']:,}"
-            bits = "" if t["mean_bits"] is None else f"{t['mean_bits']:.2f}"
-            loss = "" if t["val_loss"] is None else f"{t['val_loss']:.4f}"
-            cost = "" if t["plan_cost"] is None else f"{t['plan_cost']:,.0f}"
-            lines.append(f"| {shares} | {flash} | {bits} | {loss} | {t['removed_cost']:,.0f} | {cost} |")
+        lines += [f"Seed {r['seed']} ({len(c['trials'])} choices, {r['choice_seconds']:.0f} s):", ""]
+        lines += channel_choice_lines(c)
         lines.append("")
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in res["targets"]]

@@ -175,19 +175,8 @@ def _pruning(body) -> list[str]:
         ]
         lines.append("")
     if choice := pr.get("channel_choice"):
-        lines += [
-            "The choices of channels the planner validated (shares removed; each with its own plan):",
-            "",
-            "| shares removed | plan flash B | mean bits | validation loss | removed (mu/sigma)^2 |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for t in choice["trials"]:
-            shares = ", ".join(f"{n} {f:g}" for n, f in t["fractions"].items() if f) or "none"
-            flash = "no plan fits" if t["flash_bytes"] is None else f"{t['flash_bytes']:,}"
-            bits = "" if t["mean_bits"] is None else f"{t['mean_bits']:.2f}"
-            loss = "" if t["val_loss"] is None else f"{t['val_loss']:.4f}"
-            lines.append(f"| {shares} | {flash} | {bits} | {loss} | {t['removed_cost']:,.0f} |")
-        lines.append("")
+        lines += ["The choices of channels the planner validated (shares removed, each with its plan):", ""]
+        lines += channel_choice_lines(choice) + [""]
     lines += [
         f"{pr['policy']}"
         + ("; kept at zero through QAT" if pr["fraction"] else "")
@@ -201,6 +190,22 @@ def _pruning(body) -> list[str]:
         f"{r['fixed_width_bytes']:,} | {r['entropy_bytes']:,} |"
         for r in pr["layers"]
     ]
+    return lines
+
+
+def channel_choice_lines(choice: dict) -> list[str]:
+    """--prune-channels auto's trials (ChannelChoice.to_dict()) as a table, in the order they were tried."""
+    lines = [
+        "| shares removed | plan flash B | mean bits | validation loss | removed (mu/sigma)^2 | plan cost |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in choice["trials"]:
+        shares = ", ".join(f"{n} {f:g}" for n, f in t["fractions"].items() if f) or "none"
+        flash = "no plan fits" if t["flash_bytes"] is None else f"{t['flash_bytes']:,}"
+        bits = "" if t["mean_bits"] is None else f"{t['mean_bits']:.2f}"
+        loss = "" if t["val_loss"] is None else f"{t['val_loss']:.4f}"
+        cost = "" if t["plan_cost"] is None else f"{t['plan_cost']:,.0f}"
+        lines.append(f"| {shares} | {flash} | {bits} | {loss} | {t['removed_cost']:,.0f} | {cost} |")
     return lines
 
 
