@@ -229,7 +229,13 @@ def settle_target(trained: Trained, opts: RunOptions, on_stage: OnStage = _silen
     return replace(opts, target=target)
 
 
-SCREEN_EPOCHS = 5  # --prune-channels auto: fine-tuning epochs of each choice of channels it screens
+# --prune-channels auto fine-tunes each choice of channels it screens for this share of the float stage's
+# epochs (at least one): digits 5 of 30, LeNet-5 1 of 8
+SCREEN_SHARE = 1 / 6
+
+
+def screen_epochs(spec: PipelineSpec) -> int:
+    return max(1, int(spec.epochs * SCREEN_SHARE)) if spec.epochs > 0 else 0
 
 
 def shrink_auto(
@@ -258,7 +264,7 @@ def shrink_auto(
     on_stage(
         "channels",
         f"choosing the share of channels ({shares}) {len(free)} layers lose within {budget:,} B (target "
-        f"{target_bits:g}): each choice planned, fine-tuned {SCREEN_EPOCHS} epochs and validated",
+        f"{target_bits:g}): each choice planned, fine-tuned {screen_epochs(spec)} epochs and validated",
     )
     choice = choose_channels(
         trained,
@@ -284,13 +290,13 @@ def shrink_auto(
 
 
 def _validation_loss(spec: PipelineSpec, opts: RunOptions) -> Callable[[Trained, object], float]:
-    """deploy.channels' Score: a view's float model (a copy) fine-tuned SCREEN_EPOCHS as the float stage
+    """deploy.channels' Score: a view's float model (a copy) fine-tuned screen_epochs as the float stage
     trains, its plan's QAT model calibrated (no QAT epochs), the loss on the validation split."""
     import tf_keras as keras
 
     from edgeq.training import compile_float, train_float
 
-    short = replace(spec, epochs=min(spec.epochs, SCREEN_EPOCHS))
+    short = replace(spec, epochs=screen_epochs(spec))
 
     def score(view: Trained, planned) -> float:
         s = view.splits

@@ -101,8 +101,8 @@ def _options(args: argparse.Namespace):
 
 
 def _prune(text: str, flag: str = "--prune") -> float | str | None:
-    """--prune, --prune-channels: none, or a fraction of each layer's weights (channels) in [0, 1);
-    --prune auto: the planner's choice per layer."""
+    """--prune, --prune-channels: none, a fraction of each layer's weights (channels) in [0, 1), or auto:
+    the planner's choice per layer."""
     from deploy.app import PRUNE_AUTO, check_prune
 
     if text is None:  # --prune-channels not given: the pipeline's
@@ -309,8 +309,9 @@ def _plan_args(r: argparse.ArgumentParser) -> None:
         "twin trains, the least informative (mean |mu|/sigma) first, with the inputs that fed on them; the "
         "smaller model is fine-tuned and gets its own twin (default: the pipeline's, none for a --model "
         "file; pipelines/digits.py removes 0.5; none turns it off); auto: the planner chooses each layer's "
-        "share (0, 0.25, 0.5 or 0.75) with its bits, pricing the removed weights' uncertainty against "
-        "the bits their bytes buy within the unpruned model's flash at the target (one run, planner)",
+        "share (0, 0.25, 0.5 or 0.75) with its bits within the unpruned model's flash at the target: each "
+        "choice planned, fine-tuned briefly and scored on the validation split, the best kept (one run, "
+        "the planner)",
     )
     r.add_argument(
         "--kernels",
