@@ -413,7 +413,7 @@ def build(
     }
     if f.source is not None:
         body["source"] = {"model": f.source[0], "sha256": f.source[1]}
-    if f.candidate.prune or f.trained.channels:
+    if f.candidate.prune or f.trained.channels or f.candidate.plan.meta.get("channel_choice"):
         body["pruning"] = _pruning_section(f)
     sliced = f.candidate.exported.sliced
     if sliced is not None:

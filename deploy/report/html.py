@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from deploy.report import Report
-from deploy.report.markdown import metric_key, pruning_title
+from deploy.report.markdown import channel_choice_table, metric_key, pruning_title
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
@@ -130,6 +130,9 @@ def _pruning(b: dict) -> str:
         ]  # fmt: skip
         chead = ["layer", "channels kept", "weights before", "weights after", "bytes saved at its bits"]
         channels = f"<p>{_e(pr['channels_policy'])}.</p>" + _table(chead, crows)
+    if choice := pr.get("channel_choice"):
+        tried = _table(*channel_choice_table(choice))
+        channels += f"<p>The choices of channels the planner validated:</p>{tried}"
     return title + channels + f"<p>{_e(pr['policy'])}.</p>" + _table(head, rows)
 
 

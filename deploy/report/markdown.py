@@ -193,20 +193,28 @@ def _pruning(body) -> list[str]:
     return lines
 
 
-def channel_choice_lines(choice: dict) -> list[str]:
-    """--prune-channels auto's trials (ChannelChoice.to_dict()) as a table, in the order they were tried."""
-    lines = [
-        "| shares removed | plan flash B | mean bits | validation loss | removed (mu/sigma)^2 | plan cost |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+def channel_choice_table(choice: dict) -> tuple[list[str], list[list[str]]]:
+    """--prune-channels auto's trials (ChannelChoice.to_dict()), in the order tried: (header, rows)."""
+    head = ["shares removed", "plan flash B", "mean bits", "validation loss", "removed (mu/sigma)^2"]
+    head.append("plan cost")
+    rows = []
     for t in choice["trials"]:
-        shares = ", ".join(f"{n} {f:g}" for n, f in t["fractions"].items() if f) or "none"
-        flash = "no plan fits" if t["flash_bytes"] is None else f"{t['flash_bytes']:,}"
-        bits = "" if t["mean_bits"] is None else f"{t['mean_bits']:.2f}"
-        loss = "" if t["val_loss"] is None else f"{t['val_loss']:.4f}"
-        cost = "" if t["plan_cost"] is None else f"{t['plan_cost']:,.0f}"
-        lines.append(f"| {shares} | {flash} | {bits} | {loss} | {t['removed_cost']:,.0f} | {cost} |")
-    return lines
+        rows.append([
+            ", ".join(f"{n} {f:g}" for n, f in t["fractions"].items() if f) or "none",
+            "no plan fits" if t["flash_bytes"] is None else f"{t['flash_bytes']:,}",
+            "" if t["mean_bits"] is None else f"{t['mean_bits']:.2f}",
+            "" if t["val_loss"] is None else f"{t['val_loss']:.4f}",
+            f"{t['removed_cost']:,.0f}",
+            "" if t["plan_cost"] is None else f"{t['plan_cost']:,.0f}",
+        ])  # fmt: skip
+    return head, rows
+
+
+def channel_choice_lines(choice: dict) -> list[str]:
+    """channel_choice_table as a Markdown table."""
+    head, rows = channel_choice_table(choice)
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def pruning_title(pr: dict) -> str:
@@ -217,6 +225,8 @@ def pruning_title(pr: dict) -> str:
     )
     if pr["channels"]:
         parts.append(f"--prune-channels: {pr['channels_removed']} of {pr['channels_total']} channels")
+    elif pr.get("channel_choice"):
+        parts.append("--prune-channels auto: every channel kept")
     return ", ".join(parts)
 
 
