@@ -6,10 +6,11 @@ from the planner: the bytes removed channels free buy bits elsewhere. Which choi
 not priced: removing a channel costs its weights' (mu / sigma)^2 in the twin's uncertainty, which on the
 digits twin is 10-30x what the bits it buys save, yet a fine-tuned smaller model loses no accuracy
 (benchmarks/results/digits_targets.md). So each choice's smaller float model is fine-tuned for a few
-epochs and its plan's QAT model, calibrated, scored by its validation loss (`Score`, the run's). A greedy
-walk raises one layer's share a step (CHANNEL_FRACTIONS) at a time, the step that lowers that loss most,
-until no step lowers it; while no plan fits the budget yet, the step that leaves the fewest weights. The
-removed weights' uncertainty is kept beside each trial, for the record.
+epochs and its plan's QAT model, calibrated, scored by its validation loss (`Score`, the run's). The walk
+starts at the smallest share, the same for every layer, whose plan fits (what a fixed --prune-channels
+would remove; none when the unpruned model fits), then moves one layer's share a step (CHANNEL_FRACTIONS)
+up or down at a time, the move that lowers that loss most, until no move lowers it. The removed weights'
+uncertainty is kept beside each trial, for the record.
 
 Every choice is planned on the twin as it is (edgeq.training.pruned_view: no new twin). The run then
 fine-tunes the chosen smaller model for as long as the float stage trains and trains its twin, as a fixed
@@ -115,22 +116,27 @@ def choose_channels(
         return t
 
     trials: list[ChannelTrial] = []
-    best = trial({n: 0.0 for n in free})
-    while True:
-        steps = [
-            {**best.fractions, n: CHANNEL_FRACTIONS[CHANNEL_FRACTIONS.index(f) + 1]}
-            for n, f in best.fractions.items()
-            if f != CHANNEL_FRACTIONS[-1]
-        ]
-        tried = [trial(f) for f in steps]
-        fitting = [t for t in tried if t.flash is not None]
-        if fitting:
-            step = min(fitting, key=lambda t: t.val_loss)
-            if not step.val_loss < best.val_loss:
-                break
-        elif tried and best.flash is None:  # nothing fits yet: toward fewer weights, where plans fit
-            step = min(tried, key=lambda t: t.weights)
-        else:
+    # the start: the smallest share, the same for every layer, whose plan fits (a fixed --prune-channels)
+    for f in CHANNEL_FRACTIONS:
+        best = trial({n: f for n in free})
+        if best.flash is not None:
+            break
+    else:
+        return ChannelChoice({}, budget, tuple(trials))
+    seen = {tuple(sorted(t.fractions.items())) for t in trials}
+    while True:  # then one layer's share a step up or down at a time, while the loss falls
+        moves = []
+        for n, f in best.fractions.items():
+            i = CHANNEL_FRACTIONS.index(f)
+            for k in (i + 1, i - 1):
+                if not 0 <= k < len(CHANNEL_FRACTIONS):
+                    continue
+                move = {**best.fractions, n: CHANNEL_FRACTIONS[k]}
+                if (key := tuple(sorted(move.items()))) not in seen:
+                    seen.add(key)
+                    moves.append(move)
+        step = min((trial(m) for m in moves), key=lambda t: t.val_loss, default=None)
+        if step is None or not step.val_loss < best.val_loss:
             break
         best = step
     chosen = {n: f for n, f in best.fractions.items() if f}
