@@ -115,8 +115,10 @@ def seed_rows(seed: int, budget: int, fixed: list[float], bits: list[int], epoch
 def summary(rows: list[dict]) -> list[dict]:
     """Mean/min/max TFLM accuracy and the byte figures per row over seeds."""
     out = []
-    for name in dict.fromkeys(r["row"] for r in rows):
-        sel = [r for r in rows if r["row"] == name]
+    # edgeq rows by run (their names carry each seed's own target), peers by name
+    group = {id(r): f"edgeq planner, {r['run']}" if r.get("run") else r["row"] for r in rows}
+    for name in dict.fromkeys(group.values()):
+        sel = [r for r in rows if group[id(r)] == name]
         acc = [r["tflm_accuracy"] for r in sel]
         out.append({
             "row": name, "seeds": [r["seed"] for r in sel], "tflm_mean": round(statistics.fmean(acc), 2),
@@ -125,6 +127,7 @@ def summary(rows: list[dict]) -> list[dict]:
             "firmware_flash_bytes": sorted({r["firmware_flash_bytes"] for r in sel}),
             "arena_bytes": sorted({r["arena_bytes"] for r in sel}),
             "mean_bits": [r.get("mean_bits") for r in sel],
+            "targets": [r["target_bits"] for r in sel if "target_bits" in r],
         })  # fmt: skip
     return out
 
@@ -151,7 +154,9 @@ def markdown(res: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["summary"]:
-        bits = " / ".join("" if b is None else f"{b:.2f}" for b in r["mean_bits"])
+        bits = " / ".join(f"{b:.2f}" for b in r["mean_bits"] if b is not None)
+        if r.get("targets"):  # each seed's target: the one whose plan spends the budget
+            bits += " (targets " + " / ".join(f"{t:g}" for t in r["targets"]) + ")"
         lines.append(
             f"| {r['row']} | {r['tflm_mean']:.2f} | {r['tflm_min']:.2f} | {r['tflm_max']:.2f} | "
             f"{_bytes(r['model_bytes'])} | {_bytes(r['firmware_flash_bytes'])} | "
@@ -208,6 +213,19 @@ def targets(res_summary: list[dict]) -> list[dict]:
     return out
 
 
+def rerender(path: Path) -> int:
+    """The summary, targets and Markdown of a results file, recomputed from its rows."""
+    if not path.is_file():
+        print(f"error: no results at {path}; run the benchmark first", file=sys.stderr)
+        return 2
+    res = json.loads(path.read_text())
+    res["summary"] = summary(res["rows"])
+    res["targets"] = targets(res["summary"])
+    atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+    atomic_write_text(path.with_suffix(".md"), markdown(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lenet5_front import beside
 
@@ -220,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=ints, default="4,3,2", help="TF-MOT uniform QAT bit widths")
     ap.add_argument("--epochs", type=int, default=None, help="cap every training stage (smoke runs)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    ap.add_argument(
+        "--rerender",
+        action="store_true",
+        help="rewrite the summary, targets and .md from the .json already in --out (no training)",
+    )
     args = ap.parse_args(argv)
+    if args.rerender:
+        return rerender(Path(args.out) / "digits_channels.json")
     if args.budget < 1024:
         print(f"error: --budget {args.budget}: give bytes, e.g. 8000", file=sys.stderr)
         return 2
