@@ -83,7 +83,12 @@ def test_resnet8_pruned_only_needs_a_prune_fraction() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "says"), [(["--fixed", "0.5,1"], "--fixed 1"), (["--budget", "80"], "--budget 80")]
+    ("flags", "says"),
+    [
+        (["--fixed", "0.5,1"], "--fixed 1"),
+        (["--budget", "80"], "--budget 80"),
+        (["--rerender", "--out", "/no/such/dir"], "no results at /no/such/dir/digits_channels.json"),
+    ],
 )
 def test_digits_channels_refuses_bad_shares_and_budgets_before_training(flags: list, says: str) -> None:
     script = ROOT / "benchmarks" / "digits_channels.py"
