@@ -83,10 +83,9 @@ def seed_rows(seed: int, budget: int, fixed: list[float], bits: list[int], epoch
     ]
     t = base.target
     settings = planner_settings(t.decode_budget, t.model_ram, base.keep_dense, t.kernels, t.counts_code)
-    kw = {k: settings[k] for k in ("decode_budget", "keep_dense", "decode_code", "kernels")}
 
     def planned(label: str, twin, extra: dict) -> None:
-        target = targets_for_budget(twin, spec, budget, fractions=(1.0,), **kw)
+        target = targets_for_budget(twin, spec, budget, fractions=(1.0,), **settings)
         if not target:
             log(f"seed {seed} {label}: no plan within {budget:,} B")
             return

@@ -282,8 +282,7 @@ def shrink_auto(
         on_stage("channels", f"every channel kept ({len(choice.trials)} choices validated)")
         return trained, target_bits, choice
     small = shrink(spec, trained, choice.fractions, opts.seed, on_stage, strategy_for(opts.distribute))
-    kw = {k: settings[k] for k in ("decode_budget", "keep_dense", "decode_code", "kernels")}
-    target = targets_for_budget(small, spec, budget, fractions=(1.0,), **kw)
+    target = targets_for_budget(small, spec, budget, fractions=(1.0,), **settings)
     if not target:
         raise PlanError(f"the pruned model has no plan within {budget:,} B; pass --prune-channels FRACTION")
     return small, target[0], choice

@@ -48,7 +48,6 @@ class ChannelTrial:
     val_loss: float  # the Score (inf: no plan fits)
     plan_cost: float  # the plan's uncertainty cost on the weights that stay
     removed_cost: float  # sum of (mu / sigma)^2 over the weights the channels take with them
-    weights: int  # the quantizable layers' weights that stay
 
     def to_dict(self) -> dict:
         return {
@@ -58,7 +57,6 @@ class ChannelTrial:
             "val_loss": self.val_loss if np.isfinite(self.val_loss) else None,
             "plan_cost": self.plan_cost if np.isfinite(self.plan_cost) else None,
             "removed_cost": self.removed_cost,
-            "weights": self.weights,
         }
 
 
@@ -100,17 +98,17 @@ def choose_channels(
 
     def trial(fractions: Mapping[str, float]) -> ChannelTrial:
         view = pruned_view(trained, {n: f for n, f in fractions.items() if f})  # {}: an unpruned copy
-        removed, weights = whole - information(view.posteriors), sum(view.sizes.values())
+        removed = whole - information(view.posteriors)
         try:
             planned = plan_at(view, budget)
         except PlanError:
-            t = ChannelTrial(dict(fractions), None, None, np.inf, np.inf, removed, weights)
+            t = ChannelTrial(dict(fractions), None, None, np.inf, np.inf, removed)
         else:
             info = planned.plan.meta["planner"]
             flash = planned.prediction.flash + int(planned.plan.meta.get("decode_code_bytes", 0))
             loss = float(score(view, planned))
             bits, cost = float(info["mean_bits"]), float(info["cost"])
-            t = ChannelTrial(dict(fractions), flash, bits, loss, cost, removed, weights)
+            t = ChannelTrial(dict(fractions), flash, bits, loss, cost, removed)
         trials.append(t)
         if on_trial:
             on_trial(t)

@@ -850,9 +850,11 @@ def targets_for_budget(
     decode_code: int = 0,
     fractions: Sequence[float] = NEAR_BUDGET,
     kernels: str = "reference",
+    **_: Any,
 ) -> list[float]:
     """Planner targets whose flash budgets are these fractions of flash_budget (highest target that stays
-    within each), so a search screens the planner's least-uncertainty plans just under its budget.
+    within each), so a search screens the planner's least-uncertainty plans just under its budget; takes
+    planner_settings' keywords (the ones it has no use for are ignored, as target_budget does).
 
     A fraction below the smallest uniform plan's flash gives a target below min_bits: plan_layers then
     budgets that share of the uniform plan's flash (only a plan with zeros, --prune auto, can reach it).
