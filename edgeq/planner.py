@@ -30,6 +30,7 @@ import numpy as np
 from edgeq.errors import PlanError
 from edgeq.plan import BitPlan, LayerBits
 from edgeq.posterior import LayerPosterior
+from edgeq.quantizers import RangeSearch
 
 GRID_KINDS = ("symmetric", "uniform", "levels")
 # Bit widths each storage can hold (DESIGN.md stack facts): int8 any b-bit symmetric grid; INT4 tensors
@@ -43,13 +44,6 @@ STORAGE_BITS: dict[str, tuple[int, ...]] = {
 ByteCost = Callable[[str, tuple[int, ...], int, str, "Grid"], tuple[int, int]]
 
 _BLOCK = 16384  # elements per chunk: the temporaries stay in L2 (about 3x faster than whole-tensor passes)
-_HIST_BINS = 2048  # per channel, for the range search; bins are uniform in sqrt(|mu| / max|mu|), finer near
-# 0, where the low-bit clips of heavy-tailed layers land
-_COARSE = 2.0 ** np.linspace(-10.0, 0.0, 21)  # clip fractions of max|mu| tried first (2**-10 .. 1)
-# Then, _REFINE times, _FINE between the best fraction's neighbours: error against the clip is jagged at high
-# bits (at 8 bits one refinement leaves ~2% on the table against an exact search, three ~0.1%).
-_FINE = 16
-_REFINE = 3
 _LLOYD_BINS = 4096
 
 
@@ -338,14 +332,14 @@ class _NearestLevel:
 
 
 class _Layer:
-    """A posterior prepared for many cost evaluations: 1/sigma^2 once; channel views and histograms cached."""
+    """A posterior prepared for many cost evaluations: 1/sigma^2 once; views and range searches cached."""
 
     def __init__(self, post: LayerPosterior) -> None:
         self.post = post
         self.w = 1.0 / np.square(post.sigma)
         self._views: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
         self._maxabs: dict[int | None, np.ndarray] = {}
-        self._hist: dict[int | None, tuple[np.ndarray, ...]] = {}
+        self._search: dict[int | None, RangeSearch] = {}
         self._lloyd_hist: tuple[np.ndarray, np.ndarray] | None = None
 
     def axis(self, axis: int | None) -> int | None:
@@ -464,94 +458,16 @@ class _Layer:
             acc += q.sum(axis=0)
         return acc
 
-    def histogram(self, axis: int | None) -> tuple[np.ndarray, ...]:
-        """Per channel: max|mu|, prefix sums and bin sums of 1/sigma^2 and of u/sigma^2, u = |mu| / max|mu|.
-
-        Bins are uniform in sqrt(u), so a cell's weight sums are exact up to the two bins it straddles,
-        which are interpolated linearly. The sums are (channels, bins + 1) arrays, raveled for flat gathers.
-        """
-        ax = self.axis(axis)
-        if ax not in self._hist:
-            mu, w = self.view(ax)
-            c, b = mu.shape[1], _HIST_BINS
-            m = self.maxabs(ax)
-            m = np.where(m > 0, m, 1.0)  # an all-zero channel: u = 0 everywhere, any clip costs nothing
-            u = np.abs(mu)
-            u *= 1.0 / m
-            v = np.sqrt(u)
-            v *= b
-            idx = v.astype(np.int64)
-            np.minimum(idx, b - 1, out=idx)
-            idx += np.arange(c, dtype=np.int64) * (b + 1)  # row stride b + 1, the prefix sums' layout
-            s0 = np.bincount(idx.ravel(), weights=w.ravel(), minlength=c * (b + 1)).reshape(c, b + 1)
-            w_u = w * u
-            s1 = np.bincount(idx.ravel(), weights=w_u.ravel(), minlength=c * (b + 1)).reshape(c, b + 1)
-            p0 = np.zeros_like(s0)
-            p1 = np.zeros_like(s1)
-            np.cumsum(s0[:, :-1], axis=1, out=p0[:, 1:])
-            np.cumsum(s1[:, :-1], axis=1, out=p1[:, 1:])
-            self._hist[ax] = (m, p0.ravel(), s0.ravel(), p1.ravel(), s1.ravel())
-        return self._hist[ax]
-
-    def hist_error(self, axis: int | None, bits: int, frac: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Histogram estimate of each channel's error (in units of its max^2, up to a constant) at clip frac.
-
-        frac is (channels, K): clip fractions of max|mu|, channels the subset `rows` of the layer's.
-        """
-        m, p0, s0, p1, s1 = self.histogram(axis)
-        b = _HIST_BINS
-        lv = _levels_of(bits)
-        j = np.arange(1, lv + 1, dtype=np.float64)
-        step = frac / lv  # (C, K)
-        # Cell j (level j * step) starts at (j - 0.5) * step; the last one takes everything beyond.
-        pos = np.sqrt((j - 0.5) * step[..., None])  # (C, K, L), all < 1
-        pos *= b
-        k = pos.astype(np.int64)
-        np.minimum(k, b - 1, out=k)
-        pos -= k  # the share of bin k below the edge
-        k += (rows * (b + 1))[:, None, None]
-        g0 = np.take(s0, k)
-        g0 *= pos
-        g0 += np.take(p0, k)  # weight of 1/sigma^2 below each cell's lower edge
-        g1 = np.take(s1, k)
-        g1 *= pos
-        g1 += np.take(p1, k)  # and of u/sigma^2
-        tot0 = p0[rows * (b + 1) + b][:, None]
-        tot1 = p1[rows * (b + 1) + b][:, None]
-        # sum over cells of q_j^2 W_j - 2 q_j (Wu)_j, q_j = j * step, summed by parts over the lower edges
-        # (the sum of u^2 W is the same at every clip and left out).
-        return step * step * (lv * lv * tot0 - g0 @ (2 * j - 1)) - 2 * step * (lv * tot1 - g1.sum(axis=-1))
-
     def best_symmetric(self, bits: int, axis: int | None) -> tuple[Grid, float]:
         """The symmetric grid whose per-channel clip minimises the weighted error, and its exact cost."""
         ax = self.axis(axis)
-        lv = _levels_of(bits)
-        c = self.channels(ax)
-        m = self.maxabs(ax)
-        frac = np.empty(c)
-        # Channels in blocks, so the (channels, candidates, levels) temporaries stay near 4 MB.
-        per = max(1, (1 << 19) // (max(_COARSE.size, _FINE) * lv))
-        for a in range(0, c, per):
-            rows = np.arange(a, min(c, a + per))
-            at = np.arange(rows.size)
-            cand = np.broadcast_to(_COARSE, (rows.size, _COARSE.size))
-            for _ in range(_REFINE + 1):
-                i = np.argmin(self.hist_error(ax, bits, cand, rows), axis=1)
-                best_f = cand[at, i]
-                lo = cand[at, np.maximum(i - 1, 0)]
-                hi = cand[at, np.minimum(i + 1, cand.shape[1] - 1)]
-                cand = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, _FINE)[None, :]
-            frac[rows] = best_f
-        mm = np.where(m > 0, m, 1.0)
-        best = frac * mm / lv
-        full = mm / lv
-        # The histogram is an estimate: per channel, keep the plain max|mu| range where it is exactly better.
-        e_best = self._symmetric(best, bits, ax)
-        e_full = self._symmetric(full, bits, ax)
-        keep = e_best <= e_full
-        scale = np.where(keep, best, full)
+        if ax not in self._search:
+            mu, w = self.view(ax)
+            self._search[ax] = RangeSearch(mu, w, per_channel=ax is not None)
+        r = np.atleast_1d(self._search[ax](bits))
+        scale = np.where(r > 0, r, 1.0) / _levels_of(bits)  # an all-zero channel: any step maps it to 0
         grid = Grid("symmetric", bits, scale=tuple(scale), axis=ax, fit="best")
-        return grid, float(np.where(keep, e_best, e_full).sum())
+        return grid, float(self._symmetric(scale, bits, ax).sum())
 
 
 def uncertainty_costs(post: LayerPosterior, grids: Sequence[Grid]) -> np.ndarray:
@@ -585,10 +501,9 @@ def symmetric_grid(
 def best_range(post: LayerPosterior, bits: int, per_channel: bool = False, *, axis: int = -1) -> Grid:
     """The symmetric b-bit grid whose clip (per channel along axis, or per tensor) minimises the cost.
 
-    The paper's interval learning, done as a search over the clip fraction of max|mu| on a weighted
-    histogram of each channel (21 fractions from 2**-10 to 1, then three times 16 between the best
-    one's neighbours); a channel keeps its plain max|mu| range where that is exactly better. The result's
-    clip gives (lo, hi) = (-clip, clip) per tensor and its scale the per-channel steps.
+    The paper's interval learning: edgeq.quantizers.RangeSearch on mu with weights 1/sigma^2, the search
+    interval_ranges gives QAT (exact, or on a histogram of each channel for large per-channel layers).
+    The result's clip gives (lo, hi) = (-clip, clip) per tensor and its scale the per-channel steps.
     """
     return best_ranges(post, [bits], per_channel, axis=axis)[0]
 

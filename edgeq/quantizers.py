@@ -251,7 +251,8 @@ def symmetric_range(
 
     The paper's interval learning with weights = 1 / sigma**2: weights the posterior is sure of are held
     close, uncertain ones may be clipped or zeroed. r is searched in two passes over r / max|x| (a coarse
-    grid of `candidates` points, then as many around the best), each candidate's error exact (_errors_for).
+    grid of `candidates` points, then as many around the best), each candidate's error exact (_errors_for);
+    per-channel arrays of more than EXACT_LIMIT values on a histogram of each channel (RangeSearch).
     A channel of zeros gets r = 0, which symmetric_uniform maps to zeros.
     """
     return symmetric_ranges(x, (bits,), weights, per_channel=per_channel, candidates=candidates)[bits]
@@ -265,37 +266,147 @@ def symmetric_ranges(
     per_channel: bool = False,
     candidates: int = 128,
 ) -> dict[int, np.ndarray]:
-    """symmetric_range at each bit width, sorting x and summing its prefixes once for all of them."""
-    cols = _columns(x, per_channel)
-    if cols.size == 0 or not np.all(np.isfinite(cols)):
-        raise PlanError("symmetric_range needs a non-empty array of finite values")
-    if weights is None:
-        w = np.ones_like(cols)
-    else:
-        w = _columns(np.broadcast_to(np.asarray(weights, dtype=np.float64), np.shape(x)), per_channel)
-        if not np.all(np.isfinite(w)) or np.any(w <= 0):
-            raise PlanError("symmetric_range weights must be positive and finite (e.g. 1 / sigma**2)")
-    if int(candidates) != candidates or candidates < 2:
-        raise PlanError(f"candidates must be an integer >= 2, got {candidates!r}")
-    count, chans = cols.shape
-    m = np.abs(cols).max(axis=0)
-    u = np.abs(cols) / np.where(m > 0, m, 1.0)  # in [0, 1]: one candidate grid serves every channel
-    order = np.argsort(u, axis=0, kind="stable")
-    u, w = np.take_along_axis(u, order, axis=0).T, np.take_along_axis(w, order, axis=0).T
-    key = (u + 2.0 * np.arange(chans)[:, None]).ravel()
-    zero = np.zeros((chans, 1))
-    sums = [np.concatenate([zero, np.cumsum(v, axis=1)], axis=1) for v in (w, w * u, w * u * u)]
-    prefix = np.stack(sums, axis=-1)  # (channels, count + 1, 3)
+    """symmetric_range at each bit width, sorting x (or histogramming it) once for all of them."""
+    search = RangeSearch(x, weights, per_channel=per_channel, candidates=candidates)
+    return {int(b): search(b) for b in bits}
 
-    # Pass 1: r / max|x| on (0, 1]; pass 2: the same number of points across the best cell's neighbours.
-    alpha = np.broadcast_to(np.arange(1, candidates + 1) / candidates, (chans, candidates))
-    step = 1.0 / candidates
-    out = {}
-    for b in bits:
-        n = _levels_half(b)
-        best = alpha[0, np.argmin(_errors_for(key, prefix, n, alpha / n, count), axis=1)]
-        fine = np.clip(best[:, None] + np.linspace(-step, step, candidates)[None, :], step / candidates, 1.0)
-        err = _errors_for(key, prefix, n, fine / n, count)
-        r = fine[np.arange(chans), np.argmin(err, axis=1)] * m
-        out[int(b)] = r if per_channel else r.reshape(())
-    return out
+
+EXACT_LIMIT = 1 << 16  # weights of a per-channel array searched exactly; larger ones use _ClipHistogram
+# The histogram search: clip fractions of max|x| tried first (2**-10 .. 1), then _REFINE times _FINE between
+# the best one's neighbours (error against the clip is jagged at high bits: at 8 bits one refinement leaves
+# ~2% on the table against an exact search, three ~0.1%).
+_HIST_BINS = 2048  # per channel; uniform in sqrt(|x| / max|x|), finer near 0, where low-bit clips land
+_COARSE = 2.0 ** np.linspace(-10.0, 0.0, 21)
+_FINE = 16
+_REFINE = 3
+
+
+class RangeSearch:
+    """The symmetric range search of one array (per channel along the last axis, or per tensor), any bits.
+
+    Exact (_errors_for on the sorted values) where the array is per tensor or has at most EXACT_LIMIT
+    values: the search then costs ~5 ms a channel at bits 2..8, what VGG-16's 4,000 channels cannot pay
+    (11 s on 2 cores). Larger per-channel arrays are searched on a weighted histogram of each channel
+    (_ClipHistogram: 1.6 s for VGG-16's; the error within 0.04% of the exact search's in total at every bit
+    width, a channel of 576 values up to 4% worse at 7-8 bits).
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        weights: np.ndarray | None = None,
+        *,
+        per_channel: bool = False,
+        candidates: int = 128,
+    ) -> None:
+        cols = _columns(x, per_channel)
+        if cols.size == 0 or not np.all(np.isfinite(cols)):
+            raise PlanError("symmetric_range needs a non-empty array of finite values")
+        if weights is None:
+            w = np.ones_like(cols)
+        else:
+            w = _columns(np.broadcast_to(np.asarray(weights, dtype=np.float64), np.shape(x)), per_channel)
+            if not np.all(np.isfinite(w)) or np.any(w <= 0):
+                raise PlanError("symmetric_range weights must be positive and finite (e.g. 1 / sigma**2)")
+        if int(candidates) != candidates or candidates < 2:
+            raise PlanError(f"candidates must be an integer >= 2, got {candidates!r}")
+        self.per_channel, self.candidates = per_channel, int(candidates)
+        self.count, self.chans = cols.shape
+        self.m = np.abs(cols).max(axis=0)
+        self.hist = _ClipHistogram(cols, w, self.m) if self.chans > 1 and cols.size > EXACT_LIMIT else None
+        if self.hist is None:
+            u = np.abs(cols) / np.where(self.m > 0, self.m, 1.0)  # in [0, 1]: one candidate grid for all
+            order = np.argsort(u, axis=0, kind="stable")
+            u, w = np.take_along_axis(u, order, axis=0).T, np.take_along_axis(w, order, axis=0).T
+            self.key = (u + 2.0 * np.arange(self.chans)[:, None]).ravel()
+            zero = np.zeros((self.chans, 1))
+            sums = [np.concatenate([zero, np.cumsum(v, axis=1)], axis=1) for v in (w, w * u, w * u * u)]
+            self.prefix = np.stack(sums, axis=-1)  # (channels, count + 1, 3)
+
+    def __call__(self, bits: int) -> np.ndarray:
+        """The range per channel (shape (channels,)) or per tensor (shape ()) at this bit width."""
+        n = _levels_half(bits)
+        if self.hist is not None:
+            r = self.hist.best(n) * self.m
+        else:
+            # Pass 1: r / max|x| on (0, 1]; pass 2: as many points across the best cell's neighbours.
+            k, chans = self.candidates, self.chans
+            alpha = np.broadcast_to(np.arange(1, k + 1) / k, (chans, k))
+            step = 1.0 / k
+            best = alpha[0, np.argmin(_errors_for(self.key, self.prefix, n, alpha / n, self.count), axis=1)]
+            fine = np.clip(best[:, None] + np.linspace(-step, step, k)[None, :], step / k, 1.0)
+            err = _errors_for(self.key, self.prefix, n, fine / n, self.count)
+            r = fine[np.arange(chans), np.argmin(err, axis=1)] * self.m
+        return r if self.per_channel else r.reshape(())
+
+
+class _ClipHistogram:
+    """Per channel, bin sums of w and w u (u = |x| / max|x|) that give a clip's weighted error in O(levels).
+
+    Bins are uniform in sqrt(u), so a cell's sums are exact up to the two bins it straddles, which are
+    interpolated linearly. The sums are kept as (channels, bins + 1) prefix and bin arrays, raveled for flat
+    gathers.
+    """
+
+    def __init__(self, cols: np.ndarray, w: np.ndarray, m: np.ndarray) -> None:
+        c, b = cols.shape[1], _HIST_BINS
+        u = np.abs(cols)
+        u *= 1.0 / np.where(m > 0, m, 1.0)  # an all-zero channel: u = 0 everywhere, any clip costs nothing
+        v = np.sqrt(u)
+        v *= b
+        idx = v.astype(np.int64)
+        np.minimum(idx, b - 1, out=idx)
+        idx += np.arange(c, dtype=np.int64) * (b + 1)  # row stride b + 1, the prefix sums' layout
+        s0 = np.bincount(idx.ravel(), weights=w.ravel(), minlength=c * (b + 1)).reshape(c, b + 1)
+        s1 = np.bincount(idx.ravel(), weights=(w * u).ravel(), minlength=c * (b + 1)).reshape(c, b + 1)
+        p0, p1 = np.zeros_like(s0), np.zeros_like(s1)
+        np.cumsum(s0[:, :-1], axis=1, out=p0[:, 1:])
+        np.cumsum(s1[:, :-1], axis=1, out=p1[:, 1:])
+        self.chans = c
+        self.p0, self.s0, self.p1, self.s1 = p0.ravel(), s0.ravel(), p1.ravel(), s1.ravel()
+
+    def error(self, n: int, frac: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Each channel's error estimate (units of its max^2, up to a constant) at clip fractions frac.
+
+        frac is (channels, K), channels the subset `rows`; n the grid's positive levels.
+        """
+        b = _HIST_BINS
+        j = np.arange(1, n + 1, dtype=np.float64)
+        step = frac / n  # (C, K)
+        # Cell j (level j * step) starts at (j - 0.5) * step; the last one takes everything beyond.
+        pos = np.sqrt((j - 0.5) * step[..., None])  # (C, K, n), all < 1
+        pos *= b
+        k = pos.astype(np.int64)
+        np.minimum(k, b - 1, out=k)
+        pos -= k  # the share of bin k below the edge
+        k += (rows * (b + 1))[:, None, None]
+        g0 = np.take(self.s0, k)
+        g0 *= pos
+        g0 += np.take(self.p0, k)  # weight of w below each cell's lower edge
+        g1 = np.take(self.s1, k)
+        g1 *= pos
+        g1 += np.take(self.p1, k)  # and of w u
+        tot0 = self.p0[rows * (b + 1) + b][:, None]
+        tot1 = self.p1[rows * (b + 1) + b][:, None]
+        # sum over cells of q_j^2 W_j - 2 q_j (Wu)_j, q_j = j * step, summed by parts over the lower edges
+        # (the sum of u^2 W is the same at every clip and left out).
+        return step * step * (n * n * tot0 - g0 @ (2 * j - 1)) - 2 * step * (n * tot1 - g1.sum(axis=-1))
+
+    def best(self, n: int) -> np.ndarray:
+        """Per channel, the clip fraction of max|x| whose estimated error is least (n positive levels)."""
+        c = self.chans
+        frac = np.empty(c)
+        # Channels in blocks, so the (channels, candidates, levels) temporaries stay near 4 MB.
+        per = max(1, (1 << 19) // (max(_COARSE.size, _FINE) * n))
+        for a in range(0, c, per):
+            rows = np.arange(a, min(c, a + per))
+            at = np.arange(rows.size)
+            cand = np.broadcast_to(_COARSE, (rows.size, _COARSE.size))
+            for _ in range(_REFINE + 1):
+                i = np.argmin(self.error(n, cand, rows), axis=1)
+                best = cand[at, i]
+                lo = cand[at, np.maximum(i - 1, 0)]
+                hi = cand[at, np.minimum(i + 1, cand.shape[1] - 1)]
+                cand = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, _FINE)[None, :]
+            frac[rows] = best
+        return frac
