@@ -125,8 +125,10 @@ def markdown(res: dict) -> str:
             f"| the choice given the per-twin costs (options, front, exact files) under {TARGET_S:g} s | "
             f"{choice:.2f} s | {'yes' if choice < TARGET_S else 'NO'} |",
             "",
-            "The choice is what each further target or budget of a search pays; the per-twin pricing (an "
-            "exact range search per channel and bit width over 14.7M weights, paid once per twin) the rest. "
+            "The choice is what each further target or budget of a search pays; the per-twin pricing (the "
+            "range search per channel and bit width over 14.7M weights, on a histogram of each channel for "
+            "per-channel layers of over 65,536 weights, and the exact cost and LUT tables of each grid; paid "
+            "once per twin) the rest. "
             "The planner's core (options, front and choice on a stand-in cost) is "
             "benchmarks/results/planner.md's.",
         ]

@@ -271,7 +271,8 @@ def symmetric_ranges(
     return {int(b): search(b) for b in bits}
 
 
-EXACT_LIMIT = 1 << 16  # weights of a per-channel array searched exactly; larger ones use _ClipHistogram
+EXACT_LIMIT = 1 << 16  # values of a per-channel array searched exactly; larger ones use _ClipHistogram
+EXACT_TENSOR_LIMIT = 1 << 20  # the same for one range per tensor (the sort is its cost: LeNet-5's fc1 stays)
 # The histogram search: clip fractions of max|x| tried first (2**-10 .. 1), then _REFINE times _FINE between
 # the best one's neighbours (error against the clip is jagged at high bits: at 8 bits one refinement leaves
 # ~2% on the table against an exact search, three ~0.1%).
@@ -284,9 +285,10 @@ _REFINE = 3
 class RangeSearch:
     """The symmetric range search of one array (per channel along the last axis, or per tensor), any bits.
 
-    Exact (_errors_for on the sorted values) where the array is per tensor or has at most EXACT_LIMIT
-    values: the search then costs ~5 ms a channel at bits 2..8, what VGG-16's 4,000 channels cannot pay
-    (11 s on 2 cores). Larger per-channel arrays are searched on a weighted histogram of each channel
+    Exact (_errors_for on the sorted values) where the array has at most EXACT_LIMIT values
+    (EXACT_TENSOR_LIMIT per tensor): the search costs ~5 ms a channel at bits 2..8, what VGG-16's 4,000
+    channels cannot pay (11 s on 2 cores), and a tensor its sort (VGG-7's 8.4M-weight fc1: seconds).
+    Larger arrays are searched on a weighted histogram of each channel
     (_ClipHistogram: 1.6 s for VGG-16's; the error within 0.04% of the exact search's in total at every bit
     width, a channel of 576 values up to 4% worse at 7-8 bits).
     """
@@ -313,7 +315,8 @@ class RangeSearch:
         self.per_channel, self.candidates = per_channel, int(candidates)
         self.count, self.chans = cols.shape
         self.m = np.abs(cols).max(axis=0)
-        self.hist = _ClipHistogram(cols, w, self.m) if self.chans > 1 and cols.size > EXACT_LIMIT else None
+        exact = cols.size <= (EXACT_LIMIT if self.chans > 1 else EXACT_TENSOR_LIMIT)
+        self.hist = None if exact else _ClipHistogram(cols, w, self.m)
         if self.hist is None:
             u = np.abs(cols) / np.where(self.m > 0, self.m, 1.0)  # in [0, 1]: one candidate grid for all
             order = np.argsort(u, axis=0, kind="stable")

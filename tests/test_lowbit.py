@@ -112,6 +112,22 @@ def test_large_layers_histogram_search_is_near_the_exact_one(bits):
     assert np.all(got <= want * 1.05), float(np.max(got / want))
 
 
+def test_a_large_tensor_range_is_searched_on_its_histogram(monkeypatch):
+    # One range per tensor above EXACT_TENSOR_LIMIT values (VGG-7's 8.4M-weight fc1) skips the sort: the
+    # error stays within 0.1% of the exact search's.
+    import edgeq.quantizers as q
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_t(4, size=(1100, 1000)) * 0.02
+    w = np.exp(rng.normal(8.0, 1.0, size=x.shape))
+    assert x.size > q.EXACT_TENSOR_LIMIT and q.RangeSearch(x, w).hist is not None
+    got = q.symmetric_ranges(x, (2, 4, 8), w)
+    monkeypatch.setattr(q, "EXACT_TENSOR_LIMIT", x.size)
+    exact = q.symmetric_ranges(x, (2, 4, 8), w)
+    for b in (2, 4, 8):
+        assert weighted_error(x, b, got[b], w).item() <= weighted_error(x, b, exact[b], w).item() * 1.001
+
+
 def test_bn_fold_scales_the_per_channel_range():
     # Folding BN multiplies output channel c of the kernel, and its sigma, by |gamma_c| / sqrt(var_c + eps);
     # the weighted error of channel c scales by a constant, so its best range scales by the same factor.
