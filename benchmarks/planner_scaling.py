@@ -127,8 +127,8 @@ def markdown(res: dict) -> str:
             "",
             "The choice is what each further target or budget of a search pays; the per-twin pricing (the "
             "range search per channel and bit width over 14.7M weights, on a histogram of each channel for "
-            "per-channel layers of over 65,536 weights, and the exact cost and LUT tables of each grid; paid "
-            "once per twin) the rest. "
+            "per-channel layers of over 65,536 weights and per-tensor ones of over 1M, and the exact cost "
+            "and LUT tables of each grid; paid once per twin) the rest. "
             "The planner's core (options, front and choice on a stand-in cost) is "
             "benchmarks/results/planner.md's.",
         ]

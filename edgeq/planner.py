@@ -502,7 +502,7 @@ def best_range(post: LayerPosterior, bits: int, per_channel: bool = False, *, ax
     """The symmetric b-bit grid whose clip (per channel along axis, or per tensor) minimises the cost.
 
     The paper's interval learning: edgeq.quantizers.RangeSearch on mu with weights 1/sigma^2, the search
-    interval_ranges gives QAT (exact, or on a histogram of each channel for large per-channel layers).
+    interval_ranges gives QAT (exact, or on a histogram of each channel for large layers).
     The result's clip gives (lo, hi) = (-clip, clip) per tensor and its scale the per-channel steps.
     """
     return best_ranges(post, [bits], per_channel, axis=axis)[0]

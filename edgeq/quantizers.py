@@ -252,7 +252,8 @@ def symmetric_range(
     The paper's interval learning with weights = 1 / sigma**2: weights the posterior is sure of are held
     close, uncertain ones may be clipped or zeroed. r is searched in two passes over r / max|x| (a coarse
     grid of `candidates` points, then as many around the best), each candidate's error exact (_errors_for);
-    per-channel arrays of more than EXACT_LIMIT values on a histogram of each channel (RangeSearch).
+    arrays of more than EXACT_LIMIT values (EXACT_TENSOR_LIMIT per tensor) on a histogram of each channel
+    (RangeSearch).
     A channel of zeros gets r = 0, which symmetric_uniform maps to zeros.
     """
     return symmetric_ranges(x, (bits,), weights, per_channel=per_channel, candidates=candidates)[bits]
@@ -317,7 +318,7 @@ class RangeSearch:
         self.m = np.abs(cols).max(axis=0)
         exact = cols.size <= (EXACT_LIMIT if self.chans > 1 else EXACT_TENSOR_LIMIT)
         self.hist = None if exact else _ClipHistogram(cols, w, self.m)
-        if self.hist is None:
+        if exact:
             u = np.abs(cols) / np.where(self.m > 0, self.m, 1.0)  # in [0, 1]: one candidate grid for all
             order = np.argsort(u, axis=0, kind="stable")
             u, w = np.take_along_axis(u, order, axis=0).T, np.take_along_axis(w, order, axis=0).T
